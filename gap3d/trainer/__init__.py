@@ -1,0 +1,1 @@
+"""gap3d.trainer"""
