@@ -320,6 +320,12 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             raise ConfigError(f"{src}: '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, src, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept any float literal.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{src}: '{key}' must be a number, got {value!r}")
         return float(value)
