@@ -119,7 +119,7 @@ COMMANDS: dict[str, Command] = {
         _train_args,
     ),
     "export": Command(
-        "gap3d.trainer.export:cli_main", "export EMA aligner weights (safetensors + JSON)",
+        "gap3d.trainer.export_cli:cli_main", "export EMA aligner weights (safetensors + JSON)",
         "Write the EMA weights as safetensors and a JSON config that records the store manifest, "
         "loadable without Lightning.",
         _export_args,

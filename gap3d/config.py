@@ -177,6 +177,9 @@ class TrainConfig:
     strategy: str = "auto"
     deterministic: bool = False
     allow_partial_store: bool = False  # train on the committed part of an unfinished store
+    # 1 = uniform shuffle; k > 1 shuffles runs of k consecutive store rows (fewer, contiguous
+    # Zarr reads per batch; less diverse batches). See gap3d/trainer/data.py.
+    shuffle_block: int = 1
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""Per-role standardisation of image-encoder tokens with the feature store's statistics.
+
+Flow matching starts from unit Gaussian noise, so targets whose channels have very different
+scales (e.g. EfficientNet's pooled token vs. its grid) are easier to learn standardised. The
+store's ``finalize`` computes a channel mean/std per role (``cls_mean``, ``cls_std``,
+``register_mean``, ``register_std``, ``patch_mean``, ``patch_std``); each array is ``(C,)`` (one
+value per channel for the whole role) or ``(n_role_tokens, C)`` (per token). The paper preset
+stores layer-normed tokens and turns this off (``aligner.normalize_targets: false``): then the
+normaliser is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gap3d.layout import TokenLayout
+
+# Channels that were (nearly) constant in the training data would blow up under division by
+# their std: floor each std at this fraction of the role's mean std.
+STD_FLOOR_REL = 1e-3
+
+
+def _as_tensor(value: Any) -> Tensor:
+    return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
+def expand_stats(layout: TokenLayout, stats: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per-role store statistics -> per-token ``mean, std`` of shape ``(T, C)``."""
+    means, stds = [], []
+    for role, n in (
+        ("cls", layout.n_cls),
+        ("register", layout.n_registers),
+        ("patch", layout.n_patches),
+    ):
+        if n == 0:
+            continue
+        for key in (f"{role}_mean", f"{role}_std"):
+            if key not in stats:
+                raise KeyError(
+                    f"normalisation statistics lack '{key}' (have: {', '.join(sorted(stats))}); "
+                    "run the store's finalize step, or set aligner.normalize_targets=false"
+                )
+        mean, std = _as_tensor(stats[f"{role}_mean"]), _as_tensor(stats[f"{role}_std"])
+        for key, arr in ((f"{role}_mean", mean), (f"{role}_std", std)):
+            if arr.shape not in ((layout.channels,), (n, layout.channels)):
+                raise ValueError(
+                    f"statistic '{key}' has shape {tuple(arr.shape)}; expected "
+                    f"({layout.channels},) or ({n}, {layout.channels}) for layout {layout}"
+                )
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError(f"statistics of role '{role}' contain NaN/inf; re-run finalize")
+        std = std.abs().clamp_min(max(STD_FLOOR_REL * float(std.abs().mean()), 1e-8))
+        means.append(mean.expand(n, layout.channels))
+        stds.append(std.expand(n, layout.channels))
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+
+
+class TokenNormalizer(nn.Module):
+    """``normalize(x) = (x - mean) / std`` per token and channel; identity without stats.
+
+    The buffers ``mean`` and ``std`` are ``(T, C)`` when enabled and empty when not, so the
+    state dict itself says which (:meth:`from_state_dict` rebuilds either).
+    """
+
+    def __init__(self, layout: TokenLayout, stats: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        if stats is None:
+            mean, std = torch.zeros(0), torch.zeros(0)
+        else:
+            mean, std = expand_stats(layout, stats)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mean.numel() > 0
+
+    @classmethod
+    def from_state_dict(cls, layout: TokenLayout, state: Mapping[str, Tensor]) -> TokenNormalizer:
+        """Rebuild from :meth:`state_dict` output (e.g. read back from an export)."""
+        norm = cls(layout, None)
+        mean, std = state["mean"], state["std"]
+        if mean.numel() and tuple(mean.shape) != (layout.n_tokens, layout.channels):
+            raise ValueError(f"normaliser mean {tuple(mean.shape)} does not match layout {layout}")
+        norm.mean, norm.std = mean.clone().float(), std.clone().float()
+        return norm
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-2:] != (self.layout.n_tokens, self.layout.channels):
+            raise ValueError(
+                f"tokens must end in ({self.layout.n_tokens}, {self.layout.channels}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Store space -> model space."""
+        self._check(x)
+        if not self.enabled:
+            return x
+        return ((x.float() - self.mean) / self.std).to(x.dtype)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model space -> store space."""
+        self._check(x)
+        if not self.enabled:
+            return x
+        return (x.float() * self.std + self.mean).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x)

@@ -1,0 +1,198 @@
+"""DataModule over the feature store: split, sampler purity/resume, workers, refusals.
+
+``make_synthetic_store`` (also used by the training, resume and DDP tests) writes a real Zarr
+store whose tokens are a learnable function of the prompt latents: each sample belongs to one
+of K "concepts"; its prompt latents are the concept's embedding plus noise and its tokens the
+concept's prototype grid plus noise. The last concept is marked ``heldout``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gap3d.config import Gap3dConfig, load_config
+from gap3d.layout import TokenLayout
+from gap3d.pipeline.store import FeatureStore, ShardData
+from gap3d.pipeline.store_manifest import StoreSpec
+from gap3d.trainer.data import (
+    DataError,
+    StepBatchSampler,
+    StoreBatchDataset,
+    StoreDataModule,
+    make_loader,
+    make_split,
+)
+
+LAYOUT = TokenLayout(1, 2, 3, 3, 8)  # 12 tokens x 8 channels
+PROMPT_LEN, PROMPT_DIM = 6, 16
+
+
+def make_synthetic_store(
+    path: Path,
+    n_shards: int = 3,
+    per_shard: int = 16,
+    concepts: int = 6,
+    commit: list[int] | None = None,
+    seed: int = 0,
+    layout: TokenLayout = LAYOUT,
+    prompt_len: int = PROMPT_LEN,
+    prompt_dim: int = PROMPT_DIM,
+    finalize: bool = True,
+) -> FeatureStore:
+    """A store of ``n_shards * per_shard`` samples with learnable structure (see module doc)."""
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(0, 1, (concepts, layout.n_tokens, layout.channels)) * 2.0
+    # One vector per concept for all patches: absolute patch position is not what this data
+    # tests (the aligner sees positions only through relative 2-D RoPE).
+    protos[:, layout.patch_slice] = protos[:, layout.patch_slice][:, :1]
+    embeds = rng.normal(0, 1, (concepts, prompt_len, prompt_dim))
+    spec = StoreSpec(
+        layout=layout,
+        prompt_dim=prompt_dim,
+        prompt_max_length=prompt_len,
+        n_shards=n_shards,
+        samples_per_shard=per_shard,
+        prompt_encoder={"name": "qwen2_5_vl"},
+        image_encoder={"name": "dinov2_reg"},
+    )
+    store = FeatureStore.create(path, spec)
+    for s in commit if commit is not None else range(n_shards):
+        c = rng.integers(0, concepts, per_shard)
+        lengths = rng.integers(2, prompt_len + 1, per_shard)
+        mask = np.arange(prompt_len)[None] < lengths[:, None]
+        lat = (embeds[c] + 0.05 * rng.normal(size=(per_shard, prompt_len, prompt_dim))) * mask[
+            ..., None
+        ]
+        tok = protos[c] + 0.05 * rng.normal(size=(per_shard, layout.n_tokens, layout.channels))
+        store.write_shard(
+            s,
+            ShardData(
+                image_tokens=tok.astype(np.float32),
+                prompt_latents=lat.astype(np.float32),
+                prompt_mask=mask,
+                caption=[f"concept {k}" for k in c],
+                key=[f"{s}-{i}" for i in range(per_shard)],
+                url=[""] * per_shard,
+                split=["heldout" if k == concepts - 1 else "train" for k in c],
+                meta=[{"concept": int(k)} for k in c],
+                reason=[""] * per_shard,
+                thumbnail=np.zeros((per_shard, 64, 64, 3), np.uint8),
+            ),
+        )
+    if finalize and store.committed_shards():
+        store.finalize(progress=False)
+    return store
+
+
+def tiny_cfg(tmp_path: Path, store_path: Path, *overrides: str) -> Gap3dConfig:
+    """The tiny preset pointed at a synthetic store and a fresh run dir."""
+    return load_config(
+        "tiny",
+        [
+            f"workdir={tmp_path}",
+            f"store.path={store_path}",
+            f"train.run_dir={tmp_path / 'run'}",
+            f"prompt_encoder.max_length={PROMPT_LEN}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dm") / "features.zarr"
+    make_synthetic_store(path)
+    return path
+
+
+def test_split_is_deterministic_train_only_and_written(tmp_path: Path, store_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, store_path)
+    dm = StoreDataModule(cfg)
+    dm.setup("fit")
+    store = FeatureStore.open(store_path)
+    heldout = set(store.indices(split="heldout").tolist())
+    train_all = set(store.indices(split="train").tolist())
+    assert heldout and not heldout & (set(dm.train_rows.tolist()) | set(dm.val_rows.tolist()))
+    assert set(dm.train_rows.tolist()) | set(dm.val_rows.tolist()) == train_all
+    assert not set(dm.train_rows.tolist()) & set(dm.val_rows.tolist())
+    assert len(dm.val_rows) == round(len(train_all) * cfg.train.val_fraction)
+    saved = json.loads((cfg.run_dir / "split.json").read_text())
+    assert saved["val"] == dm.val_rows.tolist() and saved["seed"] == cfg.seed
+    # same seed -> same split; another seed -> another split
+    tr2, va2 = make_split(np.array(sorted(train_all)), cfg.train.val_fraction, cfg.seed)
+    tr3, va3 = make_split(np.array(sorted(train_all)), cfg.train.val_fraction, cfg.seed + 1)
+    assert va2.tolist() == dm.val_rows.tolist() and va3.tolist() != va2.tolist()
+
+
+def test_sampler_is_a_pure_function_of_the_step() -> None:
+    rows = np.arange(100, 137)  # 37 rows, batch 4 x 2 ranks -> 4 batches per epoch
+    full = StepBatchSampler(rows, 4, seed=3, rank=0, world_size=2)
+    seq = [b for _ in range(3) for b in full]  # three epochs
+    assert len(full) == 4 and len(seq) == 12
+    assert seq == [full.batch(k) for k in range(12)]
+    # every epoch is a permutation without repeats; epochs differ
+    assert len(set(sum(seq[:4], []))) == 16 and seq[:4] != seq[4:8]
+    # resume at step 6 (mid-epoch 1): first iteration finishes epoch 1, then epoch 2 follows
+    resumed = StepBatchSampler(rows, 4, seed=3, rank=0, world_size=2, start_batch=6)
+    assert list(resumed) == seq[6:8] and list(resumed) == seq[8:12]
+    # the two ranks read disjoint halves of each global batch
+    other = StepBatchSampler(rows, 4, seed=3, rank=1, world_size=2)
+    assert not set(other.batch(5)) & set(full.batch(5))
+    # block shuffle: still a permutation per epoch, batches made of runs of consecutive rows
+    blocked = StepBatchSampler(rows, 8, seed=3, block=4)
+    epoch = [r for b in blocked for r in b]
+    assert len(set(epoch)) == len(epoch) == 32
+    runs = [b[i : i + 4] for b in (blocked.batch(k) for k in range(4, 8)) for i in (0, 4)]
+    assert sum(np.all(np.diff(sorted(r)) == 1) for r in runs) >= 6  # all but the wrap-around
+    assert blocked.batch(4) != blocked.batch(0)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        StepBatchSampler(rows[:3], 4, seed=0)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_loader_workers_fork_and_spawn(tmp_path: Path, store_path: Path, context: str) -> None:
+    cfg = tiny_cfg(
+        tmp_path, store_path, "train.num_workers=2", f"train.multiprocessing_context={context}"
+    )
+    dm = StoreDataModule(cfg)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2
+    assert loader.multiprocessing_context.get_start_method() == context
+    multi = list(loader)  # the DataModule's own loader, workers started with `context`
+    store = FeatureStore.open(store_path)
+    sampler = StepBatchSampler(dm.train_rows, cfg.train.batch_size, seed=cfg.seed)
+    single = list(make_loader(StoreBatchDataset(store_path), sampler))
+    assert len(multi) == len(single) == len(dm.train_rows) // cfg.train.batch_size
+    for a, b in zip(single, multi, strict=True):
+        assert torch.equal(a["index"], b["index"])
+        assert torch.equal(a["image_tokens"], b["image_tokens"])
+    ref = store.read(single[0]["index"].numpy())
+    assert single[0]["image_tokens"].dtype == torch.float32
+    np.testing.assert_array_equal(single[0]["image_tokens"].numpy(), ref["image_tokens"])
+    np.testing.assert_array_equal(single[0]["prompt_mask"].numpy(), ref["prompt_mask"])
+
+
+def test_refusals(tmp_path: Path, store_path: Path) -> None:
+    empty = tmp_path / "empty.zarr"
+    make_synthetic_store(empty, commit=[])
+    with pytest.raises(DataError, match="no committed shards"):
+        StoreDataModule(tiny_cfg(tmp_path, empty)).setup("fit")
+    half = tmp_path / "half.zarr"
+    make_synthetic_store(half, commit=[0, 2])
+    with pytest.raises(DataError, match=r"half-committed: 1 of 3 shards missing.*allow_partial"):
+        StoreDataModule(tiny_cfg(tmp_path, half)).setup("fit")
+    dm = StoreDataModule(tiny_cfg(tmp_path, half, "train.allow_partial_store=true"))
+    dm.setup("fit")
+    assert any("committed part only: 2 of 3" in n for n in dm.notes)
+    rows = set(dm.train_rows.tolist()) | set(dm.val_rows.tolist())
+    assert rows and all(r < 16 or r >= 32 for r in rows)  # shard 1 = rows 16..31
+    with pytest.raises(DataError, match="prompt latents of length 6.*max_length=48"):
+        StoreDataModule(tiny_cfg(tmp_path, store_path, "prompt_encoder.max_length=48")).setup()
+    with pytest.raises(FileNotFoundError, match="gap3d cache"):
+        StoreDataModule(tiny_cfg(tmp_path, tmp_path / "nope.zarr")).setup()
