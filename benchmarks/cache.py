@@ -14,7 +14,12 @@ Measured:
 * ``pipeline`` with N Dask worker processes: ``encode.cache`` from the first submitted shard to
   the last result (tar read, robust decode, encoders, thumbnails, Zarr write + commit), and
   the whole run (cluster start, model loading, statistics) separately.
-ratio = pipeline samples/s / forward samples/s (target >= 0.9 with one worker).
+ratio = pipeline samples/s / forward samples/s (target >= 0.9 with one worker); in-run ratio =
+time inside the encoders / time of the encode tasks, from the same run (immune to the load of
+a shared machine; only meaningful with one thread per worker, since with more the encoder time
+includes waiting for the worker's encoder lock). Measured on the 2-core shared dev machine:
+1 torch thread (2 spin and run ~2.5x slower there) and 1 thread per worker beat the others;
+``workers.tune_malloc`` (applied to the baseline as well) recovered ~25% in the workers.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from gap3d.config import Gap3dConfig, load_config  # noqa: E402
 from gap3d.pipeline.decode import decode_any, read_tar  # noqa: E402
 from gap3d.pipeline.encode import cache  # noqa: E402
-from gap3d.pipeline.workers import get_encoders  # noqa: E402
+from gap3d.pipeline.workers import get_encoders, tune_malloc  # noqa: E402
 
 
 def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -124,7 +129,7 @@ def bench_forward(cfg: Gap3dConfig, shards: list[Path], repeats: int) -> dict[st
 
 
 def bench_pipeline(
-    cfg: Gap3dConfig, shards: list[Path], workers: int, threads: int
+    cfg: Gap3dConfig, shards: list[Path], workers: int, threads: int, torch_threads: int
 ) -> dict[str, Any]:
     run_cfg = load_config(
         cfg.source.split(" ")[0],
@@ -134,6 +139,7 @@ def bench_pipeline(
             f"store.path={cfg.work / f'bench-w{workers}-t{threads}.zarr'}",
             f"cluster.n_workers={workers}",
             f"cluster.threads_per_worker={threads}",
+            f"cluster.torch_threads={torch_threads}",
         ],
     )
     shutil.rmtree(run_cfg.store_path, ignore_errors=True)
@@ -146,6 +152,7 @@ def bench_pipeline(
     return {
         "workers": workers,
         "threads_per_worker": threads,
+        "torch_threads_per_worker": torch_threads,
         "samples": rep.n_samples,
         "process_seconds": rep.process_seconds,
         "samples_per_s": rep.samples_per_s,
@@ -153,6 +160,27 @@ def bench_pipeline(
         "total_samples_per_s": rep.n_samples / total,
         "encoder_seconds_summed": sum(r.encode_seconds for r in rep.done),
     }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The results as a table (ratio: vs the forward runs around it; in-run: see above)."""
+    fwd = result["forward"]
+    print(
+        f"\n{'run':<36} {'samples':>7} {'seconds':>8} {'samples/s':>9} {'ratio':>6} {'in-run':>6}"
+    )
+    for k, sec in enumerate(fwd["runs_seconds"]):
+        name = f"forward #{k} (1 process, pre-decoded)"
+        print(f"{name:<36} {fwd['samples']:>7} {sec:>8.2f} {fwd['samples'] / sec:>9.2f}")
+    for r in result["pipeline"]:
+        name = f"pipeline {r['workers']} worker(s) x {r['threads_per_worker']} thread"
+        print(
+            f"{name:<36} {r['samples']:>7} {r['process_seconds']:>8.2f} "
+            f"{r['samples_per_s']:>9.2f} {r['ratio_vs_forward']:>6.2f} {r['in_run_ratio']:>6.2f}"
+        )
+        print(
+            f"{'  whole run (start-up, stats)':<36} {'':>7} {r['total_seconds']:>8.2f} "
+            f"{r['total_samples_per_s']:>9.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,8 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="intra-op threads of the forward baseline and of each worker (cluster.torch_threads"
+        "); 1 by default: on a shared 2-core machine 2 threads spin and run ~2.5x slower",
+    )
     ap.add_argument("--out", default="benchmarks/results/cache.json")
+    ap.add_argument("--show", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args(argv)
+    if args.show:
+        print_table(json.loads(Path(args.out).read_text()))
+        return 0
 
     cfg = load_config(
         "demo",
@@ -179,16 +218,28 @@ def main(argv: list[str] | None = None) -> int:
 
     shards = list_shards(cfg.shards_dir) or write_demo_shards(cfg, args.samples)
     print(f"{len(shards)} shards of <= {args.samples_per_shard} samples")
-    # This machine is shared: the forward baseline is measured before and after the pipeline
-    # runs and the faster one is kept, which makes the reported ratio a conservative one.
-    fwd = bench_forward(cfg, shards, args.repeats)
-    runs = [bench_pipeline(cfg, shards, w, args.threads_per_worker) for w in args.workers]
-    after = bench_forward(cfg, shards, args.repeats)
-    fwd["before_after_seconds"] = [fwd["seconds"], after["seconds"]]
-    if after["seconds"] < fwd["seconds"]:
-        fwd.update({k: after[k] for k in ("seconds", "samples_per_s", "all_seconds")})
-    for r in runs:
-        r["ratio_vs_forward"] = r["samples_per_s"] / fwd["samples_per_s"]
+    # This machine is shared and its load changes from minute to minute, so the forward
+    # baseline is measured before and after every pipeline run and each run is compared with
+    # the mean of its two neighbours. The in-run ratio (time inside the encoders / task time,
+    # both measured within the same tasks) does not depend on the load at all.
+    torch.set_num_threads(args.torch_threads)
+    tune_malloc()  # the workers do it too (see workers.tune_malloc): same allocator settings
+    fwds = [bench_forward(cfg, shards, args.repeats)]
+    runs = []
+    for w in args.workers:
+        r = bench_pipeline(cfg, shards, w, args.threads_per_worker, args.torch_threads)
+        fwds.append(bench_forward(cfg, shards, args.repeats))
+        base = (fwds[-2]["samples_per_s"] + fwds[-1]["samples_per_s"]) / 2
+        r["forward_samples_per_s_around"] = base
+        r["ratio_vs_forward"] = r["samples_per_s"] / base
+        r["in_run_ratio"] = r["encoder_seconds_summed"] / (r["process_seconds"] * w)
+        runs.append(r)
+    fwd = {
+        "samples": fwds[0]["samples"],
+        "torch_threads": fwds[0]["torch_threads"],
+        "runs_seconds": [f["seconds"] for f in fwds],
+        "samples_per_s": sum(f["samples_per_s"] for f in fwds) / len(fwds),
+    }
     result = {
         "benchmark": "cache stage vs pure encoder forward",
         "encoders": {"prompt": cfg.prompt_encoder.model, "image": cfg.image_encoder.model},
@@ -207,21 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\n{'run':<34} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'ratio':>6}")
-    print(
-        f"{'forward (1 process, pre-decoded)':<34} {fwd['samples']:>8} "
-        f"{fwd['seconds']:>8.2f} {fwd['samples_per_s']:>10.1f} {1.0:>6.2f}"
-    )
-    for r in runs:
-        name = f"pipeline {r['workers']} worker(s) x {r['threads_per_worker']} thr"
-        print(
-            f"{name:<34} {r['samples']:>8} {r['process_seconds']:>8.2f} "
-            f"{r['samples_per_s']:>10.1f} {r['ratio_vs_forward']:>6.2f}"
-        )
-        print(
-            f"{'  (whole run incl. start-up)':<34} {'':>8} {r['total_seconds']:>8.2f} "
-            f"{r['total_samples_per_s']:>10.1f}"
-        )
+    print_table(result)
     print(f"-> {args.out}")
     return 0
 

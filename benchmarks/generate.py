@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()  # the machine is shared: record how busy it was
     tmp = Path(tempfile.mkdtemp(prefix="gap3d_bench_generate_"))
 
     cfg = load_config("demo", [f"workdir={ROOT / 'work' / 'demo'}", f"sample.steps={args.steps}"])
@@ -189,7 +190,9 @@ def main() -> None:
             "torch": torch.__version__,
             "platform": platform.platform(),
             "device": "cpu",
-            "note": "shared 2-core machine; other jobs were running",
+            "loadavg_1_5_15min_start": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15min_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared machine; other jobs may have been running (see loadavg)",
         },
     }
     out = Path(args.out)

@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     cmd = COMMANDS[args.command]
+    store_arg = getattr(args, "store", None)
+    if store_arg and "=" in store_arg and not os.path.exists(store_arg):
+        # argparse fills the optional STORE positional first; `key=value` is an override.
+        args.overrides = [store_arg, *args.overrides]
+        args.store = None
     try:
         cfg = load_config(args.config, list(args.overrides) + _apply_flag_overrides(args.command, args))
     except ConfigError as e:

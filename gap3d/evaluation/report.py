@@ -18,7 +18,7 @@ METHOD_NAMES = {
     "ours": "GAP3D aligner (ours)",
     "regressor": "regressor baseline",
     "mean": "mean-feature baseline",
-    "true_features": "true features (upper bound)",
+    "true_features": "true features (own render is in the library)",
 }
 GROUP_NAMES = {
     "all": "all evaluated",

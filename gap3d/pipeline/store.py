@@ -16,6 +16,12 @@ one sample per inner chunk and exactly one Zarr shard per pipeline shard, small 
 columns use one chunk per pipeline shard. So each writer (one Dask task per shard) owns its
 files outright and readers can fetch single samples. A shard counts only once its marker
 exists; ``write_shard`` removes the marker, rewrites the region, then writes the marker.
+
+The arrays the trainer reads are uncompressed by default (``StoreSpec.compression``, recorded
+in the manifest and in each array's Zarr metadata) and :meth:`FeatureStore.read` gathers
+their rows straight from the shard files (``store_fastread.py``); everything else, and any
+array that reader does not understand, is read through zarr-python. The store stays a plain
+Zarr v3 group either way. ``GAP3D_STORE_FASTREAD=0`` reads everything through zarr.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from gap3d.layout import TokenLayout
-from gap3d.pipeline import store_stats
-from gap3d.pipeline.store_codec import decode_tokens
+from gap3d.pipeline import store_fastread, store_stats
+from gap3d.pipeline.store_codec import FLOAT16_SCHEME, decode_tokens
 from gap3d.pipeline.store_files import (
     COMMIT_DIR,
     broken,
@@ -91,6 +97,7 @@ class FeatureStore:
         self._pid: int | None = None
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
+        self._plans: dict[str, store_fastread.ArrayPlan | None] = {}
         self.manifest: dict[str, Any] = load_manifest(self.path)
         self._validate_arrays()
 
@@ -167,7 +174,7 @@ class FeatureStore:
         self.path = Path(state["path"])
         self.mode = state["mode"]
         self.manifest = state["manifest"]
-        self._pid, self._group, self._arrays = None, None, {}
+        self._pid, self._group, self._arrays, self._plans = None, None, {}, {}
 
     # ---------------------------------------------------------------- properties
     @property
@@ -287,6 +294,7 @@ class FeatureStore:
         m = {**self.manifest, "n_shards": n_shards, "n_rows": rows, "arrays": arrays}
         self._group.update_attributes({MANIFEST_KEY: m})
         self.manifest = m
+        self._plans = {}  # shapes changed
 
     def annotate(self, key: str, value: Any) -> None:
         """Record ``value`` (JSON-able) under ``manifest[key]``, e.g. a run summary.
@@ -353,10 +361,17 @@ class FeatureStore:
             names.append("image_scale")
         # Read each row once, sorted, then restore the order asked for.
         uniq, inverse = np.unique(flat, return_inverse=True)
-        raw = self._fetch(names, uniq)
+        # Where the manifest's decode rule is a plain float16 -> float32 cast, the direct
+        # reader casts row by row as it reads (one pass over the batch instead of two).
+        cast = {"prompt_latents": np.float32}
+        if self.manifest["image_tokens_encoding"].get("scheme") == FLOAT16_SCHEME:
+            cast["image_tokens"] = np.float32
+        raw = self._fetch(names, uniq, cast)
+        in_order = len(uniq) == len(flat) and bool(np.all(uniq == flat))
 
         def fetch(name: str) -> np.ndarray:
-            return raw[name][inverse]
+            # the trainer asks for sorted unique rows: skip a gather copy of the batch
+            return raw[name] if in_order else raw[name][inverse]
 
         out: dict[str, Any] = {}
         for name in fields:
@@ -364,9 +379,9 @@ class FeatureStore:
                 stored = {k: fetch(k) for k in ("image_tokens", "image_scale") if k in raw}
                 out[name] = decode_tokens(stored, self.manifest["image_tokens_encoding"])
             elif name == "prompt_latents":
-                out[name] = fetch(name).astype(np.float32)
+                out[name] = fetch(name).astype(np.float32, copy=False)
             elif name in ("prompt_mask", "valid"):
-                out[name] = fetch(name).astype(bool)
+                out[name] = fetch(name).astype(bool, copy=False)
             elif name == "meta":
                 out[name] = [json.loads(t) if t else {} for t in map(str, fetch(name).tolist())]
             elif name in _TEXT_ARRAYS:
@@ -378,17 +393,44 @@ class FeatureStore:
             out = {k: v[0] for k, v in out.items()}
         return out
 
-    def _fetch(self, names: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows (sorted, unique) of several arrays, as one batch of concurrent Zarr reads.
+    def _plan(self, name: str) -> store_fastread.ArrayPlan | None:
+        """The direct-read plan of array ``name`` (None: read it through zarr)."""
+        if name not in self._plans:
+            off = os.environ.get("GAP3D_STORE_FASTREAD", "1") == "0"  # for A/B benchmarks
+            self._plans[name] = None if off else store_fastread.plan_array(self.path / name)
+        return self._plans[name]
 
-        Each run of consecutive rows is one slice request; all requests of all arrays go to
-        zarr's event loop together. On demo features this took ~40 ms per random batch of 32
-        rows where ``Array.oindex`` took ~130 ms (it walks the selection chunk by chunk).
+    def _fetch(
+        self, names: list[str], rows: np.ndarray, cast: dict[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Rows (sorted, unique) of several arrays; ``cast``: {name: dtype} the direct reader
+        may cast rows to while reading (zarr-read arrays come back as stored).
+
+        Row-sharded arrays the direct reader understands (``store_fastread``: uncompressed or
+        zstd inner chunks) are gathered from their shard files without zarr-python; the rest
+        go to zarr as one batch of concurrent reads (each run of consecutive rows is one
+        slice request, all requests of all arrays go to zarr's event loop together; on demo
+        features this took ~40 ms per random batch of 32 rows where ``Array.oindex`` took
+        ~130 ms). A damaged shard file is left to zarr, which reports it its own way.
         """
+        out: dict[str, np.ndarray] = {}
+        for n in names:
+            plan = self._plan(n)
+            if plan is not None and rows.size:
+                try:
+                    out[n] = store_fastread.read_rows(plan, rows, dtype=(cast or {}).get(n))
+                except OSError:
+                    pass
+        rest = [n for n in names if n not in out]
         if rows.size == 0:
-            return {
-                n: np.zeros((0, *self.raw(n).shape[1:]), dtype=self.raw(n).dtype) for n in names
-            }
+            for n in rest:
+                out[n] = np.zeros((0, *self.raw(n).shape[1:]), dtype=self.raw(n).dtype)
+            return out
+        if rest:
+            out.update(self._fetch_zarr(rest, rows))
+        return out
+
+    def _fetch_zarr(self, names: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)]
         arrays = [self.raw(n).async_array for n in names]

@@ -86,7 +86,7 @@ def decode_tokens(stored: dict[str, np.ndarray], encoding_info: dict[str, Any]) 
     """Stored arrays -> float32 tokens, following the manifest's ``encoding`` entry only."""
     scheme = encoding_info.get("scheme")
     if scheme == FLOAT16_SCHEME:
-        return stored["image_tokens"].astype(np.float32)
+        return stored["image_tokens"].astype(np.float32, copy=False)  # read may have cast
     if scheme == INT8_SCHEME:
         return dequantize_int8(stored["image_tokens"], stored["image_scale"])
     raise ValueError(

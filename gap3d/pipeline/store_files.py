@@ -32,15 +32,23 @@ COMMIT_DIR = "_commits"
 CREATING_KEY = "gap3d_creating"
 # Per-sample columns small enough to keep one chunk per pipeline shard.
 COLUMN_ARRAYS = ("valid", "caption", "key", "url", "split", "meta", "reason")
+# What the trainer reads per batch; ``StoreSpec.compression`` applies to these only.
+FEATURE_ARRAYS = ("image_tokens", "image_scale", "prompt_latents", "prompt_mask")
 
 
-def compressors(dtype: str) -> list[Any]:
-    """One fast lossless codec for every array: zstd level 1.
+def compressors(name: str, compression: str = "zstd") -> list[Any]:
+    """Codecs of array ``name``: zstd level 1, or none for feature arrays when asked.
 
-    Measured on real EfficientNet-Lite0 features and on dense DINOv2-like tokens
-    (benchmarks/results/store.md): byte-shuffled blosc was no smaller on float16 (sparse
-    ReLU6 features even grew 25 %), higher zstd levels gained < 5 %, lz4 lost up to 2x.
+    zstd level 1 was measured on real EfficientNet-Lite0 features and on dense DINOv2-like
+    tokens (benchmarks/results/store.md): byte-shuffled blosc was no smaller on float16
+    (sparse ReLU6 features even grew 25 %), higher zstd levels gained < 5 %, lz4 lost up to
+    2x. Dense layer-normed tokens gain only ~1.1x from it, while uncompressed rows can be read
+    straight into the batch (store_fastread.py), so feature arrays default to none
+    (``store.compression``); thumbnails and text columns always keep zstd (never read in
+    the training loop, and text compresses well).
     """
+    if name in FEATURE_ARRAYS and compression == "none":
+        return []
     return [ZstdCodec(level=1)]
 
 
@@ -70,6 +78,7 @@ def array_layout(spec: StoreSpec) -> dict[str, dict[str, Any]]:
             "dtype": dtypes.get(name, "str"),
             "chunks": list(chunks),
             "shards": list(shards) if shards else None,
+            "compression": "zstd" if compressors(name, spec.compression) else "none",
         }
     return out
 
@@ -105,7 +114,7 @@ def create_store(path: Path, spec: StoreSpec) -> None:
                 dtype=str if a["dtype"] == "str" else a["dtype"],
                 chunks=tuple(a["chunks"]),
                 shards=tuple(a["shards"]) if a["shards"] else None,
-                compressors=compressors(a["dtype"]),
+                compressors=compressors(name, spec.compression) or None,
                 fill_value="" if a["dtype"] == "str" else 0,
             )
         (tmp / COMMIT_DIR).mkdir()

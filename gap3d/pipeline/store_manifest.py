@@ -22,6 +22,8 @@ FORMAT_NAME = "gap3d-feature-store"
 MANIFEST_KEY = "gap3d"
 THUMBNAIL_SIZE = 64
 SPLITS = ("train", "heldout")
+# Lossless compression of the arrays the trainer reads (store_files.FEATURE_ARRAYS).
+COMPRESSIONS = ("none", "zstd")
 # Encoder ``info()`` keys that change what the features *are*; runtime keys such as device,
 # batch size or compute dtype may differ between runs that write one store.
 ENCODER_IDENTITY_KEYS = (
@@ -56,6 +58,9 @@ class StoreSpec:
     prompt_template: str = "{caption}"
     config_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # "zstd" keeps stores made by callers that predate the choice as they were;
+    # the cache stage passes ``store.compression`` of the config (default "none").
+    compression: str = "zstd"
 
     def __post_init__(self) -> None:
         if isinstance(self.layout, dict):
@@ -67,6 +72,10 @@ class StoreSpec:
         if self.encoding not in ENCODINGS:
             raise StoreError(
                 f"StoreSpec.encoding must be one of {ENCODINGS}, got {self.encoding!r}"
+            )
+        if self.compression not in COMPRESSIONS:
+            raise StoreError(
+                f"StoreSpec.compression must be one of {COMPRESSIONS}, got {self.compression!r}"
             )
         for name in ("prompt_encoder", "image_encoder", "extra"):
             try:
@@ -121,6 +130,7 @@ def build_manifest(spec: StoreSpec, arrays: dict[str, dict[str, Any]]) -> dict[s
         "prompt_encoder": spec.prompt_encoder,
         "image_encoder": spec.image_encoder,
         "encoding": spec.encoding,
+        "compression": spec.compression,
         "image_tokens_encoding": encoding_manifest(spec.encoding),
         "prompt_latents_encoding": {
             "storage_dtype": "float16",
@@ -158,6 +168,7 @@ def spec_from_manifest(m: dict[str, Any]) -> StoreSpec:
         prompt_template=str(m.get("prompt_template", "")),
         config_hash=str(m.get("config_hash", "")),
         extra=dict(m.get("extra") or {}),
+        compression=str(m.get("compression", "zstd")),  # stores before the field: zstd
     )
 
 
@@ -169,6 +180,8 @@ def incompatibilities(existing: StoreSpec, wanted: StoreSpec) -> list[tuple[str,
     """``(field, value in store, value asked for)`` for every field that must match.
 
     ``n_shards`` is not listed when the wanted store is larger: the caller may grow the store.
+    ``compression`` is not listed either: it changes no value, and an existing store keeps
+    the codecs it was created with (its manifest says which).
     """
     out: list[tuple[str, Any, Any]] = []
     for role in ("prompt_encoder", "image_encoder"):

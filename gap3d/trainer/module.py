@@ -116,10 +116,16 @@ class AlignerModule(pl.LightningModule):
         tc = self.cfg.train
         self.flow = FlowMatching(net, self.layout, tc.loss_weights, tc.t_sampling, tc.cfg_dropout)
         if self.cfg.aligner.normalize_targets:
-            self.normalizer = TokenNormalizer(self.layout, stats or placeholder_stats(self.layout))
+            self.normalizer = TokenNormalizer(
+                self.layout,
+                stats or placeholder_stats(self.layout),
+                self.cfg.aligner.normalize_scale,
+            )
         else:
             self.normalizer = TokenNormalizer(self.layout, None)
-        self.ema = EMA(net, tc.ema_decay)
+        # Warm-up (decay min(d, (1+n)/(10+n))) so early validation and short runs do not
+        # sample from an EMA still dominated by the zero-initialised head.
+        self.ema = EMA(net, tc.ema_decay, warmup=True)
         # Mean-feature baseline (per position, store space), set by the trainer from the store.
         self.register_buffer("mean_tokens", torch.zeros(self.layout.n_tokens, self.layout.channels))
 

@@ -29,8 +29,17 @@ def _as_tensor(value: Any) -> Tensor:
     return torch.as_tensor(np.asarray(value, dtype=np.float32))
 
 
-def expand_stats(layout: TokenLayout, stats: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    """Per-role store statistics -> per-token ``mean, std`` of shape ``(T, C)``."""
+def expand_stats(
+    layout: TokenLayout, stats: Mapping[str, Any], scale: str = "channel"
+) -> tuple[Tensor, Tensor]:
+    """Per-role store statistics -> per-token ``mean, std`` of shape ``(T, C)``.
+
+    ``scale="channel"`` divides each channel by its own std; ``scale="role"`` divides every
+    channel of a role by one scalar, the RMS of the role's channel stds (the role's overall
+    spread), which keeps sparse channels from turning into huge outliers.
+    """
+    if scale not in ("channel", "role"):
+        raise ValueError(f"normalisation scale must be 'channel' or 'role', got {scale!r}")
     means, stds = [], []
     for role, n in (
         ("cls", layout.n_cls),
@@ -54,6 +63,8 @@ def expand_stats(layout: TokenLayout, stats: Mapping[str, Any]) -> tuple[Tensor,
                 )
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise ValueError(f"statistics of role '{role}' contain NaN/inf; re-run finalize")
+        if scale == "role":
+            std = torch.full_like(std, max(float(std.pow(2).mean().sqrt()), 1e-8))
         std = std.abs().clamp_min(max(STD_FLOOR_REL * float(std.abs().mean()), 1e-8))
         means.append(mean.expand(n, layout.channels))
         stds.append(std.expand(n, layout.channels))
@@ -67,13 +78,15 @@ class TokenNormalizer(nn.Module):
     state dict itself says which (:meth:`from_state_dict` rebuilds either).
     """
 
-    def __init__(self, layout: TokenLayout, stats: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, layout: TokenLayout, stats: Mapping[str, Any] | None = None, scale: str = "channel"
+    ) -> None:
         super().__init__()
         self.layout = layout
         if stats is None:
             mean, std = torch.zeros(0), torch.zeros(0)
         else:
-            mean, std = expand_stats(layout, stats)
+            mean, std = expand_stats(layout, stats, scale)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
