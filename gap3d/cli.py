@@ -64,8 +64,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="optional image for a text+image prompt (VLM encoders only)")
     p.add_argument("--out", help="output folder (default: <workdir>/generate/<slug>)")
     _aligner_arg(p)
-    p.add_argument("--generator", choices=["retrieval", "trellis", "features"],
-                   help="generator adapter (default: generator.name of the config)")
+    p.add_argument(
+        "--generator",
+        choices=["retrieval", "trellis", "features"],
+        help="generator adapter (default: generator.name of the config)",
+    )
     p.add_argument("--n-samples", type=int, help="samples per prompt (sample.n_samples)")
     p.add_argument("--seed", type=int, help="sampling seed (sample.seed)")
     p.add_argument("--steps", type=int, help="Euler steps (sample.steps)")
@@ -83,62 +86,72 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, Command] = {
     "config": Command(
-        "gap3d.cli:print_config", "print the resolved config as YAML",
+        "gap3d.cli:print_config",
+        "print the resolved config as YAML",
         "Load a preset or YAML file, apply overrides, validate, and print the result.",
     ),
     "demo-data": Command(
-        "gap3d.pipeline.demo_data:cli_main", "build the procedural demo asset library + URL list",
+        "gap3d.pipeline.demo_data:cli_main",
+        "build the procedural demo asset library + URL list",
         "Generate procedural meshes (trimesh), render them headless on the CPU, write the asset "
         "library (GLB + metadata + renders) and a parquet URL list pointing at a loopback "
         "server. Held-out (shape, colour) combinations are kept out of the training list.",
     ),
     "download": Command(
-        "gap3d.pipeline.download:cli_main", "URL list -> webdataset shards (img2dataset on Dask)",
+        "gap3d.pipeline.download:cli_main",
+        "URL list -> webdataset shards (img2dataset on Dask)",
         "Split the URL list into partitions, download each partition with img2dataset inside "
         "one Dask task, and write webdataset shards. Finished partitions are skipped on re-run; "
         "failed URLs are counted by reason in a report.",
         _scheduler,
     ),
     "cache": Command(
-        "gap3d.pipeline.encode:cli_main", "webdataset shards -> Zarr feature store (frozen encoders)",
+        "gap3d.pipeline.encode:cli_main",
+        "webdataset shards -> Zarr feature store (frozen encoders)",
         "Run the frozen prompt encoder and image encoder once per sample, one Dask task per "
         "shard, and commit each shard's region of the Zarr store atomically. Committed shards "
         "are skipped, so an interrupted run resumes where it stopped.",
         _scheduler,
     ),
     "inspect": Command(
-        "gap3d.pipeline.inspect:cli_main", "describe a feature store",
+        "gap3d.pipeline.inspect:cli_main",
+        "describe a feature store",
         "Print the manifest, array shapes and dtypes, bytes per sample, committed and missing "
         "shards, and invalid-sample counts by reason.",
         _inspect_args,
     ),
     "train": Command(
-        "gap3d.trainer.train:cli_main", "train the aligner on the cached features (Lightning)",
+        "gap3d.trainer.train:cli_main",
+        "train the aligner on the cached features (Lightning)",
         "Train the flow-matching aligner on the feature store only (no encoder is loaded). "
         "Checkpoints go to <run_dir>/checkpoints; --resume last continues exactly.",
         _train_args,
     ),
     "export": Command(
-        "gap3d.trainer.export_cli:cli_main", "export EMA aligner weights (safetensors + JSON)",
+        "gap3d.trainer.export_cli:cli_main",
+        "export EMA aligner weights (safetensors + JSON)",
         "Write the EMA weights as safetensors and a JSON config that records the store manifest, "
         "loadable without Lightning.",
         _export_args,
     ),
     "generate": Command(
-        "gap3d.inference.generate:cli_main", "prompt -> image-encoder tokens -> 3D asset",
+        "gap3d.inference.generate:cli_main",
+        "prompt -> image-encoder tokens -> 3D asset",
         "Encode the prompt live, sample tokens with the aligner (Euler + CFG), and hand them to "
         "a generator adapter (retrieval on CPU, TRELLIS on GPU, or raw features).",
         _generate_args,
     ),
     "eval": Command(
-        "gap3d.evaluation.evaluate:cli_main", "alignment + retrieval metrics vs baselines",
+        "gap3d.evaluation.evaluate:cli_main",
+        "alignment + retrieval metrics vs baselines",
         "On held-out store samples: per-token cosine, MSE, norm ratio, top-10 neighbour overlap, "
         "text->image Recall@K, and demo shape/colour retrieval accuracy, beside the mean-feature "
         "and regressor baselines.",
         _eval_args,
     ),
     "demo": Command(
-        "gap3d.demo:cli_main", "the whole embedded demo end to end",
+        "gap3d.demo:cli_main",
+        "the whole embedded demo end to end",
         "demo-data -> download -> cache -> train -> export -> eval -> generate, then a summary "
         "table with metrics, baselines and wall time per stage.",
         _demo_args,
@@ -164,13 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.description)
         p.add_argument(
-            "--config", "-c", default=os.environ.get("GAP3D_CONFIG", "demo"),
+            "--config",
+            "-c",
+            default=os.environ.get("GAP3D_CONFIG", "demo"),
             help="preset name (tiny, demo, paper) or path to a YAML file (default: demo)",
         )
         if cmd.add_args:
             cmd.add_args(p)
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="config overrides, e.g. train.lr=1e-4 data.demo.views=2")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="config overrides, e.g. train.lr=1e-4 data.demo.views=2",
+        )
     return parser
 
 
@@ -180,9 +199,13 @@ def _apply_flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     if getattr(args, "scheduler", None):
         extra.append(f"cluster.scheduler={args.scheduler}")
     if command == "generate":
-        for flag, key in (("n_samples", "sample.n_samples"), ("seed", "sample.seed"),
-                          ("steps", "sample.steps"), ("cfg_scale", "sample.cfg_scale"),
-                          ("generator", "generator.name")):
+        for flag, key in (
+            ("n_samples", "sample.n_samples"),
+            ("seed", "sample.seed"),
+            ("steps", "sample.steps"),
+            ("cfg_scale", "sample.cfg_scale"),
+            ("generator", "generator.name"),
+        ):
             v = getattr(args, flag, None)
             if v is not None:
                 extra.append(f"{key}={v}")
@@ -204,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [store_arg, *args.overrides]
         args.store = None
     try:
-        cfg = load_config(args.config, list(args.overrides) + _apply_flag_overrides(args.command, args))
+        cfg = load_config(
+            args.config, list(args.overrides) + _apply_flag_overrides(args.command, args)
+        )
     except ConfigError as e:
         print(f"gap3d {args.command}: config error: {e}", file=sys.stderr)
         return 2
@@ -213,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(func(cfg, args) or 0)
     except KeyboardInterrupt:
-        print(f"gap3d {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(
+            f"gap3d {args.command}: interrupted; re-run the same command to resume", file=sys.stderr
+        )
         return 130
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         # Expected failures (bad input, refused stores, missing optional deps) get one clear

@@ -69,12 +69,26 @@ class DemoDataConfig:
 
     shapes: list[str] = field(
         default_factory=lambda: [
-            "cube", "sphere", "cylinder", "cone", "torus", "capsule", "pyramid", "prism",
+            "cube",
+            "sphere",
+            "cylinder",
+            "cone",
+            "torus",
+            "capsule",
+            "pyramid",
+            "prism",
         ]
     )
     colours: list[str] = field(
         default_factory=lambda: [
-            "red", "green", "blue", "yellow", "orange", "purple", "white", "black",
+            "red",
+            "green",
+            "blue",
+            "yellow",
+            "orange",
+            "purple",
+            "white",
+            "black",
         ]
     )
     variants_per_combo: int = 3  # assets per (shape, colour): size/orientation/proportion vary
@@ -152,6 +166,9 @@ class AlignerConfig:
     # features (EfficientNet's ReLU6 grid: per-channel std turns rare activations into 100+
     # sigma outliers that dominate the MSE); "channel": per-channel mean and std.
     normalize_scale: Literal["role", "channel"] = "role"
+    # What the head outputs; the objective is v-MSE either way. "v" as in the reference (width
+    # 1792 > 1024 channels); "x0" when the width is narrower than the token channels.
+    prediction: Literal["v", "x0"] = "v"
 
 
 @dataclass
@@ -363,9 +380,7 @@ def _build(cls: type, data: dict[str, Any], src: str, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         close = ", ".join(sorted(fields))
-        raise ConfigError(
-            f"{src}: unknown key '{prefix}{unknown[0]}' (valid keys here: {close})"
-        )
+        raise ConfigError(f"{src}: unknown key '{prefix}{unknown[0]}' (valid keys here: {close})")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], prefix + name, src)
@@ -501,8 +516,10 @@ def validate(cfg: Gap3dConfig) -> None:
     if cfg.train.lr <= 0:
         fail("train.lr", "must be > 0")
     if cfg.train.warmup_steps >= cfg.train.max_steps:
-        fail("train.warmup_steps", f"({cfg.train.warmup_steps}) must be < train.max_steps "
-             f"({cfg.train.max_steps})")
+        fail(
+            "train.warmup_steps",
+            f"({cfg.train.warmup_steps}) must be < train.max_steps ({cfg.train.max_steps})",
+        )
     w = cfg.train.loss_weights
     if min(w.patch, w.cls, w.register) < 0 or w.patch + w.cls + w.register <= 0:
         fail("train.loss_weights", "must be non-negative and not all zero")
@@ -514,8 +531,10 @@ def validate(cfg: Gap3dConfig) -> None:
         fail("aligner.resampler_depth", "must be >= 0 (0 = attend to the hidden states)")
     if cfg.aligner.width is not None and cfg.aligner.heads is not None:
         if cfg.aligner.width % cfg.aligner.heads:
-            fail("aligner.width", f"({cfg.aligner.width}) must be divisible by aligner.heads "
-                 f"({cfg.aligner.heads})")
+            fail(
+                "aligner.width",
+                f"({cfg.aligner.width}) must be divisible by aligner.heads ({cfg.aligner.heads})",
+            )
     if len(cfg.generator.cfg_interval) != 2 or not (
         0.0 <= cfg.generator.cfg_interval[0] <= cfg.generator.cfg_interval[1] <= 1.0
     ):
@@ -528,5 +547,8 @@ def validate(cfg: Gap3dConfig) -> None:
     if cfg.image_encoder.name == "dinov2_reg" and cfg.image_encoder.image_size % 14:
         fail("image_encoder.image_size", "must be a multiple of the DINOv2 patch size 14")
     if cfg.generator.name == "trellis" and cfg.image_encoder.name != "dinov2_reg":
-        fail("generator.name", "'trellis' needs image_encoder.name=dinov2_reg "
-             "(TRELLIS is conditioned on DINOv2-reg tokens)")
+        fail(
+            "generator.name",
+            "'trellis' needs image_encoder.name=dinov2_reg "
+            "(TRELLIS is conditioned on DINOv2-reg tokens)",
+        )

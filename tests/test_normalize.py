@@ -13,8 +13,10 @@ LAYOUT = TokenLayout(1, 0, 2, 2, 8)
 def _stats() -> dict[str, np.ndarray]:
     std = np.array([0.001, 0.5, 1.0, 2.0, 0.0, 0.3, 0.7, 1.5])
     return {
-        "cls_mean": np.linspace(0, 1, 8), "cls_std": std,
-        "patch_mean": np.linspace(1, 2, 8), "patch_std": std * 2,
+        "cls_mean": np.linspace(0, 1, 8),
+        "cls_std": std,
+        "patch_mean": np.linspace(1, 2, 8),
+        "patch_std": std * 2,
     }
 
 

@@ -57,6 +57,7 @@ def resolved_aligner_config(cfg: AlignerConfig | Mapping[str, Any]) -> dict[str,
             "n_queries": cfg.n_queries,
             "resampler_depth": cfg.resampler_depth,
             "normalize_targets": cfg.normalize_targets,
+            "prediction": cfg.prediction,
         }
     return dict(cfg)
 

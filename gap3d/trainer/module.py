@@ -140,6 +140,7 @@ class AlignerModule(pl.LightningModule):
             "n_queries": a.n_queries,
             "resampler_depth": a.resampler_depth,
             "normalize_targets": a.normalize_targets,
+            "prediction": a.prediction,
         }
 
     # ------------------------------------------------------------------------------ training
