@@ -327,14 +327,13 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key, src)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{src}: '{key}' = {value!r} does not match {tp}")
     if origin is Literal:
         if value not in get_args(tp):

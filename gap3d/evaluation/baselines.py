@@ -73,10 +73,10 @@ class RegressorBaseline(torch.nn.Module):
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, layout: TokenLayout, w: dict[str, float]):
-    from gap3d.trainer.flow import stream_slices
+    from gap3d.trainer.flow import stream_mse
 
     err = (pred.float() - target.float()).square()
-    return sum(w[name] * err[:, sl].mean() for name, sl in stream_slices(layout).items())
+    return sum(w[name] * mse for name, mse in stream_mse(err, layout).items())
 
 
 def train_regressor(
