@@ -30,8 +30,8 @@ from PIL import Image  # noqa: E402
 
 from gap3d.config import load_config  # noqa: E402
 from gap3d.layout import TokenLayout  # noqa: E402
-from gap3d.pipeline.store import FeatureStore, ShardData, StoreSpec  # noqa: E402
-from gap3d.pipeline.store_codec import dequantize_int8, quantize_int8  # noqa: E402
+from gap3d.store import FeatureStore, ShardData, StoreSpec  # noqa: E402
+from gap3d.store.codec import dequantize_int8, quantize_int8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FIELDS = ["image_tokens", "prompt_latents", "prompt_mask"]

@@ -69,8 +69,8 @@ def write_all(root: Path, layout: str, n: int) -> dict[str, Any]:
     import webdataset as wds
 
     from gap3d.layout import TokenLayout
-    from gap3d.pipeline.store import FeatureStore, ShardData
-    from gap3d.pipeline.store_manifest import StoreSpec
+    from gap3d.store import FeatureStore, ShardData
+    from gap3d.store.manifest import StoreSpec
 
     c, r, h, w, ch, length, dim = LAYOUTS[layout]
     lay = TokenLayout(c, r, h, w, ch)
@@ -235,7 +235,7 @@ def read_throughput(kind: str, root: str, workers: int, bytes_per_sample: int) -
 def zarr_breakdown(root: str, kind: str = "zarr", repeats: int = 8) -> dict[str, Any]:
     """Where a random Zarr batch spends its time: per field, and scattered vs. contiguous rows
     (the difference is the per-request cost, as decoding work is the same)."""
-    from gap3d.pipeline.store import FeatureStore
+    from gap3d.store import FeatureStore
 
     os.environ["GAP3D_STORE_FASTREAD"] = "0" if kind == "zarr-legacy" else "1"
     store = FeatureStore.open(Path(root) / ZARR_DIRS["none" if kind == "zarr" else "zstd"])
@@ -275,7 +275,7 @@ def step_time(root: str, steps: int) -> dict[str, Any]:
 
     from gap3d.config import load_config
     from gap3d.encoders import build_image_encoder, build_prompt_encoder
-    from gap3d.pipeline.store import FeatureStore
+    from gap3d.store import FeatureStore
     from gap3d.trainer.module import AlignerModule
     from gap3d.trainer.train import store_info
 

@@ -114,7 +114,7 @@ COMMANDS: dict[str, Command] = {
         _scheduler,
     ),
     "inspect": Command(
-        "gap3d.pipeline.inspect:cli_main",
+        "gap3d.store.describe:cli_main",
         "describe a feature store",
         "Print the manifest, array shapes and dtypes, bytes per sample, committed and missing "
         "shards, and invalid-sample counts by reason.",

@@ -98,7 +98,7 @@ def build_library(root: Path) -> Path:
 def build_store(cfg, library: Path, path: Path) -> Path:  # noqa: ANN001
     """A finalized tiny store with one sample per render (caption 'a <colour> <shape>')."""
     from gap3d.encoders import build_image_encoder, build_prompt_encoder
-    from gap3d.pipeline.store import FeatureStore, ShardData, StoreSpec
+    from gap3d.store import FeatureStore, ShardData, StoreSpec
 
     assets = json.loads((library / "library.json").read_text())["assets"]
     rows = [(a, v) for a in assets for v in range(len(a["views"]))]
@@ -156,7 +156,7 @@ def build_export(cfg, store_path: Path, out_dir: Path, seed: int = 0) -> Path:  
     """Export a randomly initialised tiny aligner trained on nothing (plumbing only)."""
     import torch
 
-    from gap3d.pipeline.store import FeatureStore
+    from gap3d.store import FeatureStore
     from gap3d.trainer.export import save_export
     from gap3d.trainer.model import AlignerNet
     from gap3d.trainer.normalize import TokenNormalizer

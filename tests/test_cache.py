@@ -20,11 +20,11 @@ from conftest_pipeline import (
 )
 
 from gap3d.cli import main as cli_main
-from gap3d.pipeline import inspect as inspect_stage
 from gap3d.pipeline.decode import decode_sample
 from gap3d.pipeline.encode import cache
-from gap3d.pipeline.store import FeatureStore
 from gap3d.pipeline.workers import get_encoders
+from gap3d.store import FeatureStore
+from gap3d.store import describe as inspect_stage
 
 KEEP = 5  # complete samples before the damage in the truncated tar
 

@@ -13,8 +13,8 @@ import pytest
 
 from gap3d.cli import main as cli_main
 from gap3d.pipeline.server import free_port
-from gap3d.pipeline.store import FeatureStore
 from gap3d.pipeline.workers import load_count
+from gap3d.store import FeatureStore
 
 DASK = str(Path(sys.executable).with_name("dask"))
 

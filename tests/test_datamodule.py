@@ -17,8 +17,8 @@ import torch
 
 from gap3d.config import Gap3dConfig, load_config
 from gap3d.layout import TokenLayout
-from gap3d.pipeline.store import FeatureStore, ShardData
-from gap3d.pipeline.store_manifest import StoreSpec
+from gap3d.store import FeatureStore, ShardData
+from gap3d.store.manifest import StoreSpec
 from gap3d.trainer.data import (
     DataError,
     StepBatchSampler,

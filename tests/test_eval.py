@@ -12,7 +12,7 @@ from _inference_fixtures import tiny_setup
 from gap3d.cli import main as gap3d_main
 from gap3d.evaluation.baselines import mean_tokens
 from gap3d.evaluation.evaluate import eval_rows, evaluate
-from gap3d.pipeline.store import FeatureStore
+from gap3d.store import FeatureStore
 from gap3d.trainer.data import SPLIT_FILE
 
 

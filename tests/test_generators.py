@@ -20,7 +20,7 @@ from gap3d.inference.generators.trellis import (
 )
 from gap3d.inference.library_index import build_library_index, load_library
 from gap3d.layout import TokenLayout
-from gap3d.pipeline.store import FeatureStore
+from gap3d.store import FeatureStore
 
 
 @pytest.fixture(scope="module")

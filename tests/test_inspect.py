@@ -11,8 +11,8 @@ from test_store import make_shard, make_spec
 
 from gap3d.cli import main
 from gap3d.config import load_config
-from gap3d.pipeline.inspect import _ranges, cli_main, describe
-from gap3d.pipeline.store import FeatureStore
+from gap3d.store import FeatureStore
+from gap3d.store.describe import _ranges, cli_main, describe
 
 
 @pytest.fixture()

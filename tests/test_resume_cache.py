@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from gap3d.pipeline.encode import cache
-from gap3d.pipeline.store import COMMIT_DIR, FeatureStore
+from gap3d.store import FeatureStore
+from gap3d.store.files import COMMIT_DIR
 
 
 def _markers(store_path: Path) -> list[Path]:

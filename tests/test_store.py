@@ -14,15 +14,15 @@ import torch
 import zarr
 
 from gap3d.layout import TokenLayout
-from gap3d.pipeline.store import (
+from gap3d.store import (
     FeatureStore,
     ShardData,
     StaleStatsWarning,
     StoreError,
     StoreSpec,
 )
-from gap3d.pipeline.store_codec import dequantize_int8, quantize_int8
-from gap3d.pipeline.store_manifest import MANIFEST_KEY
+from gap3d.store.codec import dequantize_int8, quantize_int8
+from gap3d.store.manifest import MANIFEST_KEY
 
 # Shaped like the tiny preset (DINOv2-reg, 56 px) and the demo preset (EfficientNet-Lite0).
 LAYOUTS = {

@@ -12,9 +12,9 @@ import zarr
 from test_store import make_shard, make_spec
 from zarr.codecs import GzipCodec
 
-from gap3d.pipeline.store import FeatureStore
-from gap3d.pipeline.store_fastread import plan_array, read_rows
-from gap3d.pipeline.store_files import FEATURE_ARRAYS
+from gap3d.store import FeatureStore
+from gap3d.store.fastread import plan_array, read_rows
+from gap3d.store.files import FEATURE_ARRAYS
 
 ROW_ARRAYS = ("image_tokens", "image_scale", "prompt_latents", "prompt_mask", "thumbnail")
 

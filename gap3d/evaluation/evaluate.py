@@ -157,7 +157,7 @@ def evaluate(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation; write ``metrics.json``, ``metrics.md`` and plots; return the JSON."""
-    from gap3d.pipeline.store import FeatureStore
+    from gap3d.store import FeatureStore
     from gap3d.trainer.export import aligner_config_from_dict, load_aligner
 
     t0 = time.perf_counter()

@@ -23,9 +23,9 @@ from typing import Any
 import zarr
 
 from gap3d.config import Gap3dConfig
-from gap3d.pipeline.store import FeatureStore, StoreSpec
-from gap3d.pipeline.store_manifest import MANIFEST_KEY
 from gap3d.pipeline.workers import ShardReport, encode_shard, encoder_info
+from gap3d.store import FeatureStore, StoreSpec
+from gap3d.store.manifest import MANIFEST_KEY
 
 __all__ = ["CacheReport", "cache", "cli_main", "store_spec"]
 

@@ -27,8 +27,8 @@ from PIL import Image
 from gap3d.config import ImageEncoderConfig, PromptEncoderConfig
 from gap3d.encoders import ImageEncoder, PromptEncoder, build_image_encoder, build_prompt_encoder
 from gap3d.pipeline.decode import DecodedSample, decode_any, read_tar, thumbnail
-from gap3d.pipeline.store import FeatureStore, ShardData
-from gap3d.pipeline.store_manifest import THUMBNAIL_SIZE
+from gap3d.store import FeatureStore, ShardData
+from gap3d.store.manifest import THUMBNAIL_SIZE
 
 
 @dataclass

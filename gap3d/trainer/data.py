@@ -218,7 +218,7 @@ class StoreBatchDataset(Dataset):
     def store(self) -> Any:
         # Open per process: a handle created before fork/spawn must not be reused in a worker.
         if self._store is None or self._pid != os.getpid():
-            from gap3d.pipeline.store import FeatureStore
+            from gap3d.store import FeatureStore
 
             self._store, self._pid = FeatureStore.open(self.store_path), os.getpid()
         return self._store
@@ -315,7 +315,7 @@ class StoreDataModule(pl.LightningDataModule):
 
     def open_store(self) -> Any:
         if self.store is None:
-            from gap3d.pipeline.store import FeatureStore
+            from gap3d.store import FeatureStore
 
             if not Path(self.cfg.store_path).exists():
                 raise FileNotFoundError(

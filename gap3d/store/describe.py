@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gap3d.pipeline.store import FeatureStore, StoreError
+from gap3d.store import FeatureStore, StoreError
 
 # Decoded (in-memory, as the trainer sees it) bytes per element of each array.
 _DECODED_ITEMSIZE = {

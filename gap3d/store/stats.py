@@ -18,7 +18,7 @@ import zarr
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from gap3d.pipeline.store import FeatureStore
+    from gap3d.store import FeatureStore
 
 STATS_GROUP = "stats"
 ROLES = ("cls", "register", "patch")

@@ -15,7 +15,7 @@ from typing import Any
 
 from gap3d import __version__
 from gap3d.layout import TokenLayout
-from gap3d.pipeline.store_codec import ENCODINGS, encoding_manifest
+from gap3d.store.codec import ENCODINGS, encoding_manifest
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "gap3d-feature-store"

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from gap3d.layout import TokenLayout
-from gap3d.pipeline.store_codec import encode_tokens, finite_mask
-from gap3d.pipeline.store_manifest import SPLITS, THUMBNAIL_SIZE, StoreError
+from gap3d.store.codec import encode_tokens, finite_mask
+from gap3d.store.manifest import SPLITS, THUMBNAIL_SIZE, StoreError
 
 NON_FINITE = "non_finite_features"
 

@@ -1,6 +1,6 @@
 """The feature store's files: atomic creation, manifest loading, commit markers.
 
-No store object here, only paths: :mod:`gap3d.pipeline.store` builds on these.
+No store object here, only paths: :mod:`gap3d.store.feature_store` builds on these.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from gap3d import __version__
-from gap3d.pipeline.store_manifest import (
+from gap3d.store.manifest import (
     FORMAT_NAME,
     MANIFEST_KEY,
     SCHEMA_VERSION,

@@ -42,9 +42,10 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from gap3d.layout import TokenLayout
-from gap3d.pipeline import store_fastread, store_stats
-from gap3d.pipeline.store_codec import FLOAT16_SCHEME, decode_tokens
-from gap3d.pipeline.store_files import (
+from gap3d.store import fastread as store_fastread
+from gap3d.store import stats as store_stats
+from gap3d.store.codec import FLOAT16_SCHEME, decode_tokens
+from gap3d.store.files import (
     COMMIT_DIR,
     broken,
     create_store,
@@ -53,7 +54,7 @@ from gap3d.pipeline.store_files import (
     marker_path,
     write_marker,
 )
-from gap3d.pipeline.store_manifest import (
+from gap3d.store.manifest import (
     MANIFEST_KEY,
     SPLITS,
     StoreError,
@@ -62,7 +63,7 @@ from gap3d.pipeline.store_manifest import (
     incompatibilities,
     spec_from_manifest,
 )
-from gap3d.pipeline.store_shard import ShardData, check_shard, shard_region
+from gap3d.store.shard import ShardData, check_shard, shard_region
 
 __all__ = ["FeatureStore", "ShardData", "StoreError", "StoreSpec", "StaleStatsWarning"]
 
