@@ -37,8 +37,18 @@ def _scheduler(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    _scheduler(p)
+    p.add_argument(
+        "--reencode-changed",
+        action="store_true",
+        help="re-encode committed shards whose input shard changed, vanished or was "
+        "renumbered (default: refuse and name them); same as data.on_source_change=reencode",
+    )
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", help="store path (default: the config's store path)")
+    p.add_argument("store", nargs="?", help="store path or URL (default: the config's store.path)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -110,8 +120,11 @@ COMMANDS: dict[str, Command] = {
         "webdataset shards -> Zarr feature store (frozen encoders)",
         "Run the frozen prompt encoder and image encoder once per sample, one Dask task per "
         "shard, and commit each shard's region of the Zarr store atomically. Committed shards "
-        "are skipped, so an interrupted run resumes where it stopped.",
-        _scheduler,
+        "are skipped, so an interrupted run resumes where it stopped. The store may live on "
+        "object storage (store.path=s3://bucket/prefix/features.zarr); inputs are the "
+        "downloaded shards, or existing webdataset tars (data.source=shards "
+        "data.shards='/data/{00000..00999}.tar' or s3://... / https://... URLs).",
+        _cache_args,
     ),
     "inspect": Command(
         "gap3d.store.describe:cli_main",
@@ -198,6 +211,8 @@ def _apply_flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     extra: list[str] = []
     if getattr(args, "scheduler", None):
         extra.append(f"cluster.scheduler={args.scheduler}")
+    if getattr(args, "reencode_changed", False):
+        extra.append("data.on_source_change=reencode")
     if command == "generate":
         for flag, key in (
             ("n_samples", "sample.n_samples"),

@@ -23,6 +23,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("tiny", "demo", "paper")
 
 
+# Keys of earlier releases and what took their place (named in the error a stale YAML gets).
+RENAMED_KEYS = {
+    "train.val_fraction": "use train.val_samples (validation is a fixed number of train samples "
+    "chosen by (seed, sample key); nothing else is withheld)",
+    "data.partitions": "use data.partition_rows (fixed-size partitions, so appending rows to a "
+    "URL list never moves rows between partitions)",
+}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the source."""
 
@@ -105,13 +114,24 @@ class DemoDataConfig:
 class DataConfig:
     """Where image-text pairs come from and how they are downloaded into webdataset shards."""
 
-    source: Literal["demo", "urls"] = "demo"
+    # demo: procedural renders served on loopback; urls: a URL list downloaded with
+    # img2dataset; shards: existing webdataset tars (img2dataset output of LAION, DataComp, ...)
+    source: Literal["demo", "urls", "shards"] = "demo"
     url_list: str | None = None  # parquet/csv/tsv; required when source == "urls"
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: list[str] = field(default_factory=list)
+    # source == "shards": tar paths or URLs (s3://, gs://, https://), each may be a brace
+    # pattern such as /data/shards/{00000..00999}.tar; store shard i = the i-th tar
+    shards: list[str] = field(default_factory=list)
     samples_per_shard: int = 256
-    partitions: int = 4  # URL partitions == Dask download tasks
+    # rows of the URL list per download partition (= one Dask task). Fixed-size partitions:
+    # rows appended to a URL list add partitions and never move rows between old ones.
+    partition_rows: int = 10_000
+    # what `gap3d cache` does with a committed store shard whose input shard changed (or
+    # vanished): refuse naming it, or re-encode it (same as `gap3d cache --reencode-changed`)
+    on_source_change: Literal["refuse", "reencode"] = "refuse"
+    max_member_bytes: int = 64 * 2**20  # a tar member above this is rejected without reading it
     download_processes: int = 1  # img2dataset processes inside one Dask task
     download_threads: int = 8
     download_image_size: int = 256
@@ -127,11 +147,17 @@ class DataConfig:
 class StoreConfig:
     """The Zarr v3 feature store written by the cache stage and read by the trainer."""
 
-    path: str | None = None  # default: <workdir>/features.zarr
+    # a local path, file://, s3://bucket/prefix/x.zarr, gs://... or memory://name (one process,
+    # tests). Credentials come from the environment/profile, never from this URL; for an
+    # S3-compatible server set AWS_ENDPOINT_URL. Default: <workdir>/features.zarr
+    path: str | None = None
     encoding: Literal["float16", "int8"] = "float16"
     # lossless codec of the arrays the trainer reads: none (read straight into the batch;
     # dense tokens gain only ~1.1x from zstd) or zstd level 1 (~6x on sparse ReLU features)
     compression: Literal["none", "zstd"] = "none"
+    # rows per file/object of the big arrays, the unit an encode task writes at once (bounds
+    # its memory); must divide data.samples_per_shard; null = ~256 MB of image tokens per file
+    rows_per_file: int | None = None
 
 
 @dataclass
@@ -192,8 +218,9 @@ class TrainConfig:
     t_sampling: Literal["uniform", "logit_normal"] = "uniform"
     loss_weights: LossWeights = field(default_factory=LossWeights)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    val_fraction: float = 0.05
     val_every_n_steps: int = 250
+    # validation rows: a pure function of (seed, sample key) picks this many train samples
+    # at the start of a run (fixed for its resumes; a store that grows keeps them)
     val_samples: int = 64
     checkpoint_every_n_steps: int = 250
     log_every_n_steps: int = 10
@@ -278,8 +305,9 @@ class Gap3dConfig:
         return self.work / "shards"
 
     @property
-    def store_path(self) -> Path:
-        return Path(self.store.path) if self.store.path else self.work / "features.zarr"
+    def store_path(self) -> str:
+        """The store's location: a local path or a URL (s3://, gs://, memory://)."""
+        return self.store.path if self.store.path else str(self.work / "features.zarr")
 
     @property
     def run_dir(self) -> Path:
@@ -340,6 +368,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             raise ConfigError(f"{src}: '{key}' must be {_type_name(tp)}, got {value!r}")
         return value
     if origin is list:
+        if isinstance(value, str) and get_args(tp) == (str,):
+            value = [value]  # `data.shards=/data/{000..999}.tar` on the command line
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{src}: '{key}' must be a list, got {type(value).__name__}")
         (item_tp,) = get_args(tp)
@@ -378,6 +408,9 @@ def _build(cls: type, data: dict[str, Any], src: str, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        renamed = RENAMED_KEYS.get(prefix + unknown[0])
+        if renamed:
+            raise ConfigError(f"{src}: '{prefix}{unknown[0]}' was replaced: {renamed}")
         close = ", ".join(sorted(fields))
         raise ConfigError(f"{src}: unknown key '{prefix}{unknown[0]}' (valid keys here: {close})")
     kwargs = {}
@@ -479,7 +512,8 @@ def validate(cfg: Gap3dConfig) -> None:
         "image_encoder.batch_size": cfg.image_encoder.batch_size,
         "image_encoder.image_size": cfg.image_encoder.image_size,
         "data.samples_per_shard": cfg.data.samples_per_shard,
-        "data.partitions": cfg.data.partitions,
+        "data.partition_rows": cfg.data.partition_rows,
+        "data.max_member_bytes": cfg.data.max_member_bytes,
         "data.demo.views": cfg.data.demo.views,
         "data.demo.render_size": cfg.data.demo.render_size,
         "data.demo.variants_per_combo": cfg.data.demo.variants_per_combo,
@@ -500,6 +534,19 @@ def validate(cfg: Gap3dConfig) -> None:
         fail("prompt_encoder.template", "must contain the placeholder {caption}")
     if cfg.data.source == "urls" and not cfg.data.url_list:
         fail("data.url_list", "is required when data.source is 'urls'")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        fail("data.shards", "is required when data.source is 'shards' (paths, URLs or patterns)")
+    for key, url in [("store.path", cfg.store.path or "")] + [
+        (f"data.shards[{i}]", u) for i, u in enumerate(cfg.data.shards)
+    ]:
+        if "@" in url.split("://", 1)[-1].split("/", 1)[0] and "://" in url:
+            fail(key, "must not embed credentials (user:secret@); use the environment/profile")
+    r = cfg.store.rows_per_file
+    if r is not None and (r <= 0 or cfg.data.samples_per_shard % r):
+        fail(
+            "store.rows_per_file",
+            f"({r}) must divide data.samples_per_shard ({cfg.data.samples_per_shard}), or be null",
+        )
     if not 0.0 <= cfg.data.demo.heldout_fraction < 1.0:
         fail("data.demo.heldout_fraction", "must be in [0, 1)")
     if len(set(cfg.data.demo.shapes)) != len(cfg.data.demo.shapes) or not cfg.data.demo.shapes:
@@ -508,8 +555,8 @@ def validate(cfg: Gap3dConfig) -> None:
         fail("data.demo.colours", "must be a non-empty list without duplicates")
     if not 0.0 <= cfg.train.cfg_dropout < 1.0:
         fail("train.cfg_dropout", "must be in [0, 1)")
-    if not 0.0 < cfg.train.val_fraction < 1.0:
-        fail("train.val_fraction", "must be in (0, 1)")
+    if cfg.train.val_samples < 1:
+        fail("train.val_samples", "must be >= 1")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         fail("train.ema_decay", "must be in [0, 1)")
     if cfg.train.lr <= 0:

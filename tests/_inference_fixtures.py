@@ -96,7 +96,7 @@ def build_library(root: Path) -> Path:
 
 
 def build_store(cfg, library: Path, path: Path) -> Path:  # noqa: ANN001
-    """A finalized tiny store with one sample per render (caption 'a <colour> <shape>')."""
+    """A tiny store with one sample per render (caption 'a <colour> <shape>')."""
     from gap3d.encoders import build_image_encoder, build_prompt_encoder
     from gap3d.store import FeatureStore, ShardData, StoreSpec
 
@@ -148,7 +148,6 @@ def build_store(cfg, library: Path, path: Path) -> Path:  # noqa: ANN001
                 thumbnail=np.stack([np.asarray(im.resize((64, 64))) for im in images[sl]]),
             ),
         )
-    store.finalize(progress=False)
     return path
 
 
@@ -167,7 +166,9 @@ def build_export(cfg, store_path: Path, out_dir: Path, seed: int = 0) -> Path:  
     # The zero-initialised output head would make the random aligner return pure noise; give
     # it small random weights so outputs depend on the prompt (still meaningless, but real).
     torch.nn.init.normal_(net.head.weight, std=0.05)
-    norm = TokenNormalizer(store.layout, store.stats)
+    from gap3d.store.stats import to_stats
+
+    norm = TokenNormalizer(store.layout, to_stats(store.moments()))
     return save_export(
         out_dir,
         net,
@@ -190,7 +191,7 @@ def tiny_setup(tmp_path_factory) -> TinySetup:  # noqa: ANN001
         from gap3d.config import load_config
 
         cfg = load_config("tiny", overrides)
-        store_path = build_store(cfg, library, cfg.store_path)
+        store_path = build_store(cfg, library, Path(cfg.store_path))
         export_dir = build_export(cfg, store_path, cfg.export_dir)
         _CACHE["tiny"] = TinySetup(root, library, store_path, export_dir, overrides)
     return _CACHE["tiny"]

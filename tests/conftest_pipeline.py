@@ -280,7 +280,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TinyData:
 
     root = tmp_path_factory.mktemp("tiny_demo")
     # One partition: each img2dataset task costs ~10 s of start-up here.
-    overrides = {"data.samples_per_shard": 4, "data.partitions": 1, "data.demo.port": free_port()}
+    overrides = {
+        "data.samples_per_shard": 4,
+        "data.partition_rows": 10_000,
+        "data.demo.port": free_port(),
+    }
     cfg = tiny_config(root, **overrides)
     report = download(cfg)
     shards = list_shards(cfg.shards_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest_pipeline import (
     MAX_CAPTION,
     MAX_PIXELS,
@@ -103,7 +104,6 @@ def test_invalid_counts_in_manifest_and_inspect(bad_run, capsys: pytest.CaptureF
     store = FeatureStore.open(cfg.store_path)
     assert store.manifest["cache"]["invalid_counts"] == dict(want)
     assert report.store_invalid == dict(want)
-    assert store.stats_info() is not None and not store.stats_info()["stale"]
     args = argparse.Namespace(store=str(cfg.store_path), json=True)
     assert inspect_stage.cli_main(cfg, args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -113,31 +113,57 @@ def test_invalid_counts_in_manifest_and_inspect(bad_run, capsys: pytest.CaptureF
 
 def test_rerun_skips_and_failed_shard_exits_nonzero(bad_run, tmp_path: Path) -> None:
     cfg, cases, _, client = bad_run
-    again = cache(
-        cfg,
-        client=client,
-        shards=[
-            write_shard_tar(tmp_path / "a.tar", cases),
-            write_truncated_tar(tmp_path / "b.tar", cases, KEEP),
-        ],
-    )
+    root = Path(cfg.workdir) / "shards"
+    same = [root / "00000.tar", root / "00001.tar"]
+    again = cache(cfg, client=client, shards=same)
     assert again.ok and again.skipped == [0, 1] and not again.done
     # A grown shard list with one unreadable tar: that shard fails, the other one commits.
     (tmp_path / "junk.tar").write_bytes(b"<html>not a tar</html>" * 40)
-    more = cache(
-        cfg,
-        client=client,
-        shards=[
-            tmp_path / "a.tar",
-            tmp_path / "b.tar",
-            tmp_path / "junk.tar",
-            write_shard_tar(tmp_path / "c.tar", cases[:3]),
-        ],
-    )
+    grown = [*same, tmp_path / "junk.tar", write_shard_tar(tmp_path / "c.tar", cases[:3])]
+    more = cache(cfg, client=client, shards=grown)
     assert list(more.failed) == [2] and "junk.tar" in more.failed[2]
     assert [r.shard_id for r in more.done] == [3]
     assert "re-run" in more.summary()
     assert FeatureStore.open(cfg.store_path).committed_shards() == [0, 1, 3]
+
+
+def test_changed_input_shard_is_refused(tmp_path: Path, inproc_client) -> None:
+    """A committed store shard whose input tar changed, was renumbered or vanished is refused
+    with a message naming it; --reencode-changed re-encodes (or uncommits) exactly those."""
+    from gap3d.pipeline.encode import SourceChangedError
+
+    cases = bad_cases()
+    cfg = tiny_config(tmp_path, **{"data.samples_per_shard": 32, "cluster.processes": False})
+    a = write_shard_tar(tmp_path / "in" / "a.tar", cases[:4])
+    b = write_shard_tar(tmp_path / "in" / "b.tar", cases[4:8])
+    first = cache(cfg, client=inproc_client, shards=[a, b])
+    assert first.ok and [r.shard_id for r in first.done] == [0, 1]
+    rec = FeatureStore.open(cfg.store_path).commit_info(1)
+    assert rec["source"]["url"] == str(b) and rec["source"]["fingerprint"]["size"] > 0
+
+    write_shard_tar(b, cases[4:9])  # the input of shard 1 changes
+    with pytest.raises(SourceChangedError, match=r"store shard 1: its input .*b\.tar changed"):
+        cache(cfg, client=inproc_client, shards=[a, b])
+    with pytest.raises(SourceChangedError, match=r"store shard 0: was encoded from .*a\.tar"):
+        cache(cfg, client=inproc_client, shards=[b, a])  # renumbered
+    with pytest.raises(SourceChangedError, match="store shard 1: .*no longer an input"):
+        cache(cfg, client=inproc_client, shards=[a])  # removed
+    store = FeatureStore.open(cfg.store_path)
+    assert store.committed_shards() == [0, 1] and store.commit_info(1)["n_samples"] == 4
+
+    cfg_re = tiny_config(
+        tmp_path,
+        **{
+            "data.samples_per_shard": 32,
+            "cluster.processes": False,
+            "data.on_source_change": "reencode",
+        },
+    )
+    again = cache(cfg_re, client=inproc_client, shards=[a, b])
+    assert [r.shard_id for r in again.done] == [1] and again.skipped == [0]
+    assert FeatureStore.open(cfg.store_path).commit_info(1)["n_samples"] == 5
+    gone = cache(cfg_re, client=inproc_client, shards=[a])
+    assert not gone.done and FeatureStore.open(cfg.store_path).committed_shards() == [0]
 
 
 def test_no_shards_says_run_download(tmp_path: Path) -> None:
@@ -151,7 +177,7 @@ def test_tiny_demo_end_to_end(tiny_data, tmp_path: Path, capsys: pytest.CaptureF
     """Loopback server -> img2dataset -> shards (fixture) -> LocalCluster worker processes ->
     store; models load once per worker process; ``gap3d inspect`` shows the store complete."""
     from gap3d.pipeline.cluster import open_client
-    from gap3d.pipeline.decode import read_tar
+    from gap3d.pipeline.tars import read_tar
     from gap3d.pipeline.workers import load_count
 
     store_path = tmp_path / "e2e.zarr"
@@ -180,33 +206,81 @@ def test_tiny_demo_end_to_end(tiny_data, tmp_path: Path, capsys: pytest.CaptureF
     assert out["shards"]["n_missing"] == 0
     assert out["shards"]["n_committed"] == len(tiny_data.shards)
     assert out["samples"]["n_valid"] == tiny_data.successes
-    assert out["stats"]["present"] and not out["stats"]["stale"]
+    assert out["stats"]["partial_moments_shards"] == len(tiny_data.shards)
 
 
-def test_encoder_error_marks_only_that_sample(bad_run, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sample the image encoder raises on becomes ``encode_failed``; the rest are encoded
-    by the real (tiny) encoders."""
-    from gap3d.pipeline.workers import encode_samples
+def _raw(c) -> dict:  # noqa: ANN001 - a BadCase
+    return {"__key__": c.key, **c.entries}
+
+
+@pytest.mark.parametrize("where", ["preprocess", "forward"])
+def test_encoder_error_marks_only_that_sample(
+    bad_run, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A sample the image encoder's preprocessing or forward raises on becomes
+    ``encode_failed``; the rest are encoded by the real (tiny) encoders."""
+    from gap3d.pipeline.workers import EncodeLimits, encode_samples
 
     cfg, cases, _, _ = bad_run
-    decoded = [
-        decode_sample({"__key__": c.key, **c.entries}, MAX_PIXELS, MAX_CAPTION) for c in cases[:4]
-    ]
+    good = [c for c in cases if not c.reason][:4]
+    decoded = [decode_sample(_raw(c), MAX_PIXELS, MAX_CAPTION) for c in good]
     enc = get_encoders(cfg.prompt_encoder, cfg.image_encoder)
-    real = enc.image.encode
-    poison = decoded[1].image
+    poison_px = enc.image.preprocess([decoded[1].image])
+    if where == "preprocess":
+        real = enc.image.preprocess
 
-    def flaky(images):
-        if any(im is poison for im in images):
-            raise RuntimeError("encoder cannot handle this image")
-        return real(images)
+        def flaky(images):
+            out = real(images)
+            if any(torch.equal(p, poison_px[0]) for p in out):
+                raise RuntimeError("encoder cannot handle this image")
+            return out
 
-    monkeypatch.setattr(enc.image, "encode", flaky)
-    data = encode_samples(enc, decoded)
+        monkeypatch.setattr(enc.image, "preprocess", flaky)
+    else:
+        real = enc.image.encode_pixels
+
+        def flaky(pixels):
+            if any(torch.equal(p, poison_px[0]) for p in pixels):
+                raise RuntimeError("encoder cannot handle this image")
+            return real(pixels)
+
+        monkeypatch.setattr(enc.image, "encode_pixels", flaky)
+    limits = EncodeLimits(MAX_PIXELS, MAX_CAPTION)
+    batches = list(encode_samples(enc, [_raw(c) for c in good], limits))
+    data = batches[0]
     assert data.reason == ["", "encode_failed", "", ""]
     assert "cannot handle" in data.meta[1]["encode_error"]
     assert not data.image_tokens[1].any() and data.image_tokens[[0, 2, 3]].any()
-    np.testing.assert_allclose(data.image_tokens[0], real([decoded[0].image]).numpy()[0], atol=1e-5)
+    want = enc.image.encode([decoded[0].image]).numpy()[0]
+    np.testing.assert_allclose(data.image_tokens[0], want, atol=1e-5)
+
+
+def test_encode_task_streams_in_batches(bad_run) -> None:
+    """The encode task decodes, encodes and hands over rows batch by batch (image encoder
+    batch size), with the decoding of the next batch running ahead in another thread."""
+    from gap3d.pipeline.batches import prefetch
+    from gap3d.pipeline.workers import EncodeLimits, encode_samples
+
+    cfg, cases, _, _ = bad_run
+    enc = get_encoders(cfg.prompt_encoder, cfg.image_encoder)
+    raw = [_raw(c) for c in cases]
+    limits = EncodeLimits(MAX_PIXELS, MAX_CAPTION)
+    batches = list(encode_samples(enc, iter(raw), limits, prefetch_depth=2))
+    bs = cfg.image_encoder.batch_size
+    assert [len(b) for b in batches] == [min(bs, len(raw) - i) for i in range(0, len(raw), bs)]
+    assert [k for b in batches for k in b.key] == [c.key for c in cases]
+    # the prefetch passes items through in order and re-raises a producer error in place
+    assert list(prefetch(iter(range(7)), depth=2)) == list(range(7))
+
+    def boom():
+        yield 1
+        raise ValueError("producer failed")
+
+    got = []
+    with pytest.raises(ValueError, match="producer failed"):
+        for x in prefetch(boom(), depth=1):
+            got.append(x)
+    assert got == [1]
 
 
 def test_gpu_resources_without_gpu_workers_is_a_clear_error(bad_run, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from gap3d.config import CONFIG_DIR, ConfigError, load_config
 def test_every_preset_loads(preset: str) -> None:
     cfg = load_config(preset)
     assert cfg.name == preset
-    assert cfg.store_path.name == "features.zarr"
+    assert Path(cfg.store_path).name == "features.zarr"
 
 
 def test_presets_pick_the_documented_backends() -> None:
@@ -87,3 +87,20 @@ def test_cli_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["config", "--config", "tiny", "train.max_steps=9"]) == 0
     assert "max_steps: 9" in capsys.readouterr().out
     assert main(["config", "--config", "tiny", "train.max_steps=-1"]) == 2
+
+
+def test_store_and_split_keys() -> None:
+    cfg = load_config("tiny", ["store.path=s3://bucket/prefix/f.zarr", "data.shards=/d/{0..3}.tar"])
+    assert cfg.store_path == "s3://bucket/prefix/f.zarr" and cfg.data.shards == ["/d/{0..3}.tar"]
+    with pytest.raises(
+        ConfigError, match="train.val_fraction' was replaced: use train.val_samples"
+    ):
+        load_config("tiny", ["train.val_fraction=0.1"])
+    with pytest.raises(ConfigError, match="data.partition_rows"):
+        load_config("tiny", ["data.partitions=4"])
+    with pytest.raises(ConfigError, match="must not embed credentials"):
+        load_config("tiny", ["store.path=s3://AKIA:secret@bucket/f.zarr"])
+    with pytest.raises(ConfigError, match="data.shards' is required"):
+        load_config("tiny", ["data.source=shards"])
+    with pytest.raises(ConfigError, match="store.rows_per_file' .*must divide"):
+        load_config("tiny", ["store.rows_per_file=5"])

@@ -24,9 +24,9 @@ from gap3d.pipeline.decode import (
     decode_any,
     decode_image,
     decode_sample,
-    read_tar,
     thumbnail,
 )
+from gap3d.pipeline.tars import TarStream, read_tar
 
 
 def _decode(case: BadCase):
@@ -148,3 +148,24 @@ def test_unreadable_tar(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "x.tar").write_bytes(content)
     tar = read_tar(tmp_path / "x.tar")
     assert tar.samples == [] and tar.error
+
+
+def test_oversize_member_is_skipped_unread(tmp_path: Path) -> None:
+    """A member above data.max_member_bytes marks its sample invalid without being read
+    (tarfile skips its data block by block); the samples around it are kept."""
+    cases = bad_cases()[:3]
+    path = write_shard_tar(tmp_path / "o.tar", cases)
+    sizes = {
+        c.key: max(len(v if isinstance(v, bytes) else str(v).encode()) for v in c.entries.values())
+        for c in cases
+    }
+    limit = sorted(sizes.values())[-1] - 1  # the largest member of the shard is over it
+    big = max(sizes, key=sizes.get)
+    stream = TarStream(path, max_member_bytes=limit)
+    samples = list(stream)
+    assert stream.error is None and [s["__key__"] for s in samples] == [c.key for c in cases]
+    over = [s for s in samples if "__oversize__" in s]
+    assert [s["__key__"] for s in over] == [big]
+    assert all(isinstance(v, int) and v > limit for v in over[0]["__oversize__"].values())
+    d = decode_any(over[0], MAX_PIXELS, MAX_CAPTION)
+    assert d.reason == "member_too_large" and "member_too_large" in REASONS

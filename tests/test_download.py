@@ -189,7 +189,9 @@ def demo_download(
 ) -> tuple[Gap3dConfig, dl.DownloadReport]:
     # One worker *process* (the default LocalCluster kind, non-daemonic so img2dataset can
     # start its processes), two partitions downloaded side by side.
-    cfg = _tiny(tmp_path_factory.mktemp("dl"), "data.partitions=2", "cluster.threads_per_worker=2")
+    cfg = _tiny(
+        tmp_path_factory.mktemp("dl"), "data.partition_rows=12", "cluster.threads_per_worker=2"
+    )
     return cfg, dl.download(cfg)
 
 
@@ -268,7 +270,7 @@ def test_failed_urls_are_counted_by_reason(demo_download, tmp_path: Path, capsys
             "data.url_col=link",
             "data.caption_col=text",
             "data.extra_cols=[tag]",
-            "data.partitions=1",
+            "data.partition_rows=1000",
             "cluster.processes=false",
         )
         assert dl.cli_main(cfg, None) == 0  # some URLs failing is not a failed stage
@@ -285,3 +287,55 @@ def test_failed_urls_are_counted_by_reason(demo_download, tmp_path: Path, capsys
         for f in _samples(t).values()
     }
     assert tags == {"0", "1", "2"}
+
+
+def test_appended_rows_add_partitions_and_never_move_old_ones(tmp_path: Path) -> None:
+    """Fixed-size partitions: appending rows to a URL list leaves every full partition (its
+    rows, fingerprint and store shard ids) as it was and adds partitions at the end."""
+    from gap3d.pipeline.sources import SourceShard
+
+    def url_list(n: int) -> Path:
+        path = tmp_path / "pairs.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"http://127.0.0.1:1/{i}.png" for i in range(n)],
+                    "caption": [f"c {i}" for i in range(n)],
+                }
+            ),
+            path,
+        )
+        return path
+
+    def plan(n: int) -> list[dl.PartitionTask]:
+        cfg = _tiny(
+            tmp_path / "work",
+            "data.source=urls",
+            f"data.url_list={url_list(n)}",
+            "data.partition_rows=10",
+            "data.samples_per_shard=4",
+        )
+        return dl.plan_partitions(cfg)
+
+    before, after = plan(25), plan(47)
+    assert [t.rows for t in before] == [10, 10, 5]
+    assert [t.rows for t in after] == [10, 10, 10, 10, 7]
+    assert [t.fingerprint for t in after[:2]] == [t.fingerprint for t in before[:2]]
+    assert after[2].fingerprint != before[2].fingerprint  # the partial one grew
+
+    # store shard ids: tar j of partition p is shard p * ceil(10 / 4) + j, whether or not the
+    # partitions before it are finished
+    from gap3d.pipeline.sources import downloaded_sources
+
+    cfg = _tiny(tmp_path / "ids", "data.partition_rows=10", "data.samples_per_shard=4")
+    for p, tars in ((0, ["00000.tar", "00001.tar", "00002.tar"]), (1, ["00000.tar"])):
+        part = dl.partition_dir(cfg.shards_dir, p)
+        part.mkdir(parents=True)
+        for t in tars:
+            (part / t).write_bytes(b"x" * (p + 1))
+        (part / dl.DONE_MARKER).write_text(json.dumps({"shards": tars}))
+    got = downloaded_sources(cfg)
+    assert [s.shard_id for s in got] == [0, 1, 2, 3]
+    assert isinstance(got[3], SourceShard) and got[3].fingerprint["size"] == 2
+    (dl.partition_dir(cfg.shards_dir, 0) / dl.DONE_MARKER).unlink()
+    assert [s.shard_id for s in downloaded_sources(cfg)] == [3]

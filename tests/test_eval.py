@@ -63,21 +63,23 @@ def test_eval_writes_ours_and_both_baselines(setup, tmp_path):
 
 
 def test_eval_rows_follow_the_trainers_split_file(setup, tmp_path):
-    cfg = setup.cfg(f"train.run_dir={tmp_path / 'run'}")
+    from gap3d.trainer.data import StoreDataModule
+
+    cfg = setup.cfg(f"train.run_dir={tmp_path / 'run'}", "train.val_samples=3")
     store = FeatureStore.open(setup.store_path)
     train_all = store.indices(split="train")
     _, val_derived, heldout, note = eval_rows(cfg, store)
-    assert "re-derived" in note and len(heldout) == 4
-    assert set(val_derived) <= set(train_all)
-    (tmp_path / "run").mkdir()
-    val = train_all[:3]
-    (tmp_path / "run" / SPLIT_FILE).write_text(
-        json.dumps({"train": train_all[3:].tolist(), "val": val.tolist()})
-    )
+    assert "chose 3 validation rows" in note and len(heldout) == 4
+    assert set(val_derived) <= set(train_all) and len(val_derived) == 3
+    assert not (tmp_path / "run" / SPLIT_FILE).exists()  # evaluation writes nothing
+    dm = StoreDataModule(cfg)
+    dm.setup("fit")  # the trainer writes its split
     tr, va, _, note = eval_rows(cfg, store)
-    assert va.tolist() == val.tolist() and tr.tolist() == train_all[3:].tolist()
-    assert "split.json" in note
-    small = setup.cfg(f"train.run_dir={tmp_path / 'run'}", "eval.n_samples=4")
+    assert sorted(va.tolist()) == sorted(dm.val_rows.tolist()) == sorted(val_derived.tolist())
+    assert tr.tolist() == dm.train_rows.tolist() and "split.json" in note
+    small = setup.cfg(
+        f"train.run_dir={tmp_path / 'run'}", "eval.n_samples=4", "train.val_samples=3"
+    )
     _, va, ho, _ = eval_rows(small, store)
     assert len(va) + len(ho) == 4 and len(va) >= 1
 

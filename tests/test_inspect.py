@@ -21,7 +21,6 @@ def store_path(tmp_path: Path) -> Path:
     store = FeatureStore.create(tmp_path / "s.zarr", spec)
     store.write_shard(0, make_shard(spec, 6, seed=0, invalid=(1, 4)))
     store.write_shard(2, make_shard(spec, 3, seed=2))
-    store.finalize(progress=False)
     return tmp_path / "s.zarr"
 
 
@@ -38,7 +37,9 @@ def test_describe_counts(store_path: Path) -> None:
     assert tok["bytes_per_sample_decoded"] == 21 * 64 * 4
     on_disk = sum(p.stat().st_size for p in (store_path / "image_tokens").rglob("*") if p.is_file())
     assert tok["bytes_per_sample_on_disk"] == pytest.approx(on_disk / 9)
-    assert r["stats"]["present"] and not r["stats"]["stale"]
+    # partial moments: valid train rows only (shard 0: rows 0, 3 train & valid; shard 2: 0, 1)
+    assert r["stats"]["partial_moments_shards"] == 2
+    assert r["stats"]["token_counts"] == {"cls": 4, "register": 16, "patch": 64}
     assert r["manifest"]["image_tokens_encoding"]["scheme"] == "absmax_int8_per_token"
 
 
@@ -50,7 +51,7 @@ def test_inspect_text_and_json(store_path: Path, capsys: pytest.CaptureFixture[s
     assert "9 written, 7 valid, 2 invalid" in text and "download_failed" in text
     assert "image_tokens" in text and "(24, 21, 64)" in text and "int8" in text
     assert "decode: image_tokens.astype('float32') * image_scale" in text
-    assert "STALE" not in text
+    assert "partial moments in 2 committed shards" in text
 
     assert main(["inspect", str(store_path), "--json", "--config", "tiny"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -65,11 +66,16 @@ def test_inspect_text_and_json(store_path: Path, capsys: pytest.CaptureFixture[s
     }
 
 
-def test_inspect_flags_stale_stats(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    store = FeatureStore.open(store_path, "r+")
-    store.write_shard(3, make_shard(make_spec("tiny", "int8", n_shards=4), 2, seed=3))
-    assert main(["inspect", str(store_path), "--config", "tiny"]) == 0
-    assert "STALE" in capsys.readouterr().out
+def test_inspect_memory_store(capsys: pytest.CaptureFixture[str]) -> None:
+    """The report goes through zarr's storage layer only: a memory:// store works too."""
+    spec = make_spec("tiny", "float16", n_shards=2, samples_per_shard=6)
+    store = FeatureStore.create("memory://inspect-test/s.zarr", spec)
+    store.write_shard(1, make_shard(spec, 4, seed=1))
+    r = describe(FeatureStore.open("memory://inspect-test/s.zarr"))
+    assert r["shards"]["committed"] == [1] and r["samples"]["n_samples"] == 4
+    assert r["arrays"]["image_tokens"]["bytes_on_disk"] > 0
+    assert main(["inspect", "memory://inspect-test/s.zarr", "--config", "tiny"]) == 0
+    assert "1/2 committed" in capsys.readouterr().out
 
 
 def test_inspect_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,11 +14,11 @@ import numpy as np
 
 from gap3d.pipeline.encode import cache
 from gap3d.store import FeatureStore
-from gap3d.store.files import COMMIT_DIR
 
 
 def _markers(store_path: Path) -> list[Path]:
-    return sorted((store_path / COMMIT_DIR).glob("shard-*.json"))
+    """Commit records on disk: one zarr group (``commits/shard-NNNNNN/zarr.json``) per shard."""
+    return sorted((store_path / "commits").glob("shard-*/zarr.json"))
 
 
 def _kill_after_first_commit(argv: list[str], store_path: Path, log: Path) -> int:

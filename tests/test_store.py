@@ -1,4 +1,4 @@
-"""The Zarr v3 feature store: round trips, commits, refusals, workers, statistics."""
+"""The Zarr v3 feature store: round trips, commits, refusals, workers, partial moments."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from gap3d.layout import TokenLayout
 from gap3d.store import (
     FeatureStore,
     ShardData,
-    StaleStatsWarning,
     StoreError,
     StoreSpec,
 )
@@ -333,9 +332,9 @@ def test_open_refusals(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="'prompt_latents' has shape"):
         FeatureStore.open(p)
 
-    p = variant("nocommits.zarr")
-    shutil.rmtree(p / "_commits")
-    with pytest.raises(StoreError, match="commit folder"):
+    p = variant("moments.zarr")
+    shutil.rmtree(p / "moments" / "m2")
+    with pytest.raises(StoreError, match="'moments/m2' is missing"):
         FeatureStore.open(p)
 
 
@@ -388,12 +387,14 @@ class _StoreDataset(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers(tmp_path: Path, context: str) -> None:
+    """A store object pickled (spawn) or forked into DataLoader workers reopens its handles
+    there. tensorstore cannot survive a fork, so a parent that forks reads through zarr."""
     spec = make_spec("tiny", "int8", n_shards=2, samples_per_shard=8)
     store = FeatureStore.create(tmp_path / "s.zarr", spec)
     store.write_shard(0, make_shard(spec, 8, seed=0))
     store.write_shard(1, make_shard(spec, 5, seed=1))
-    reader = FeatureStore.open(tmp_path / "s.zarr")
-    reader.read(0)  # the parent has used zarr (and its event loop) before the workers start
+    reader = FeatureStore.open(tmp_path / "s.zarr", reader="zarr" if context == "fork" else "auto")
+    reader.read(0)  # the parent has used the store (and zarr's event loop) before the fork
     loader = torch.utils.data.DataLoader(
         _StoreDataset(reader),
         batch_size=4,
@@ -439,43 +440,74 @@ def test_concurrent_writers(tmp_path: Path) -> None:
         assert store.read(s * 6 + 5, fields=["caption"])["caption"] == want.caption[5]
 
 
-def test_stats_match_numpy(tmp_path: Path) -> None:
+def _role_tokens(tokens: np.ndarray, layout: TokenLayout) -> dict[str, np.ndarray]:
+    out = {}
+    for role, sl in (
+        ("cls", layout.cls_slice),
+        ("register", layout.register_slice),
+        ("patch", layout.patch_slice),
+    ):
+        out[role] = tokens[:, sl].reshape(-1, layout.channels).astype(np.float64)
+    return out
+
+
+def test_partial_moments_match_direct_computation(tmp_path: Path) -> None:
+    """Per-shard partial moments (float32 tokens of valid train rows, before int8 storage),
+    merged, equal the moments computed directly over those rows; held-out and invalid rows
+    never enter them."""
     spec = make_spec("tiny", "int8", n_shards=3)
     store = FeatureStore.create(tmp_path / "s.zarr", spec)
-    with pytest.raises(StoreError, match="no statistics"):
-        _ = store.stats
-    store.write_shard(0, make_shard(spec, 6, seed=0, invalid=(2,)))
-    store.write_shard(2, make_shard(spec, 3, seed=2))
-    stats = store.finalize(progress=False)
-    tokens = store.read(store.indices())["image_tokens"].astype(np.float64)  # decoded, valid only
-    lay = spec.layout
-    for role, sl in (
-        ("cls", lay.cls_slice),
-        ("register", lay.register_slice),
-        ("patch", lay.patch_slice),
-    ):
-        x = tokens[:, sl].reshape(-1, lay.channels)
-        np.testing.assert_allclose(stats[f"{role}_mean"], x.mean(0), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(stats[f"{role}_std"], x.std(0), rtol=1e-10, atol=1e-12)
-        np.testing.assert_array_equal(store.stats[f"{role}_std"], stats[f"{role}_std"])
-    info = store.stats_info()
-    assert info["shards"] == [0, 2] and info["n_samples"] == 8 and not info["stale"]
-    reread = FeatureStore.open(tmp_path / "s.zarr")
-    assert set(reread.stats) == {
+    shards = {0: make_shard(spec, 6, seed=0, invalid=(2,)), 2: make_shard(spec, 3, seed=2)}
+    for s_id, d in shards.items():
+        store.write_shard(s_id, d)
+    rows = [
+        d.image_tokens[i]
+        for d in shards.values()
+        for i in range(len(d))
+        if d.split[i] == "train" and not d.reason[i]
+    ]
+    direct = _role_tokens(np.stack(rows), spec.layout)
+    merged = store.moments()
+    for role, x in direct.items():
+        assert merged[role].n == len(x)
+        np.testing.assert_allclose(merged[role].mean, x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(merged[role].std, x.std(0), rtol=1e-5, atol=1e-6)
+    # a subset of shards merges only those
+    only2 = store.moments([2])
+    assert only2["cls"].n == sum(1 for i in range(3) if shards[2].split[i] == "train")
+    with pytest.raises(StoreError, match="not committed"):
+        store.moments([1])
+    # merging with no shard, and the stats form, skip empty roles
+    from gap3d.store.stats import to_stats
+
+    assert set(to_stats(merged)) == {
         f"{r}_{k}" for r in ("cls", "register", "patch") for k in ("mean", "std")
     }
-    store.write_shard(1, make_shard(spec, 2, seed=1))
-    assert store.stats_info()["stale"]
-    with pytest.warns(StaleStatsWarning):
-        _ = store.stats
+
+
+def test_moments_remove_and_merge_are_inverse() -> None:
+    from gap3d.store.stats import Moments
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 16)) * 3 + 1
+    a, b = Moments.of(x[:380]), Moments.of(x[380:])
+    whole = a.merge(b)
+    np.testing.assert_allclose(whole.mean, x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(whole.std, x.std(0), rtol=1e-6)
+    rest = whole.remove(b)
+    assert rest.n == 380
+    np.testing.assert_allclose(rest.mean, x[:380].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rest.std, x[:380].std(0), rtol=1e-5, atol=1e-6)
 
 
 def test_stats_omit_empty_roles(tmp_path: Path) -> None:
+    from gap3d.store.stats import to_stats
+
     spec = make_spec("demo", "float16", n_shards=1, samples_per_shard=4)  # no registers
     store = FeatureStore.create(tmp_path / "s.zarr", spec)
     store.write_shard(0, make_shard(spec, 4, seed=0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = store.finalize(progress=False)
+        stats = to_stats(store.moments())
     assert set(stats) == {"cls_mean", "cls_std", "patch_mean", "patch_std"}
     assert stats["patch_mean"].shape == (1280,)

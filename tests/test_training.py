@@ -80,7 +80,7 @@ def test_checkpoint_loads_weights_only(trained: tuple[object, dict]) -> None:
     assert hp["store_info"]["layout"]["channels"] == 8 and hp["store_info"]["prompt_dim"] == 16
     assert ckpt["global_step"] == 200 and ckpt["ema"]["num_updates"] == 200
     assert "flow.net.head.weight" in ckpt["state_dict"]
-    assert json.loads((cfg.run_dir / "split.json").read_text())["n_val"] > 0
+    assert json.loads((cfg.run_dir / "split.json").read_text())["val_samples"] > 0
 
 
 def test_export_matches_cli_export_and_loads_without_lightning(

@@ -1,8 +1,8 @@
 """``gap3d eval``: the aligner against the mean-feature and regressor baselines.
 
 Evaluation rows (never trained on):
-* ``val``: the run's validation rows of the train split (``<run_dir>/split.json`` written by the
-  trainer, or re-derived with the trainer's own ``make_split`` when the file is missing) —
+* ``val``: the run's validation rows of the train split (a function of (seed, sample key) with
+  the threshold in ``<run_dir>/split.json``; the trainer's rule when the file is missing) —
   seen (shape, colour) combinations, unseen images;
 * ``heldout``: every store row with ``split == "heldout"`` — combinations never trained on.
 At most ``eval.n_samples`` rows in total (evenly spaced in each group, proportionally).
@@ -19,7 +19,6 @@ not a ceiling: each demo image is itself a render in the library, so it should s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -49,18 +48,12 @@ def _spread(rows: np.ndarray, n: int) -> np.ndarray:
 
 def eval_rows(cfg: Gap3dConfig, store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """``(train_rows, val_rows, heldout_rows, note)`` with the trainer's split."""
-    from gap3d.trainer.data import SPLIT_FILE, make_split
+    from gap3d.trainer.data import split_store
 
-    train_all = store.indices(valid_only=True, committed_only=True, split="train")
     heldout = store.indices(valid_only=True, committed_only=True, split="heldout")
-    path = cfg.run_dir / SPLIT_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        train, val = np.asarray(saved["train"], np.int64), np.asarray(saved["val"], np.int64)
-        note = f"validation rows from {path}"
-    else:
-        train, val = make_split(train_all, cfg.train.val_fraction, cfg.seed)
-        note = f"no {path}; re-derived the trainer's split (seed {cfg.seed})"
+    # The trainer's own split: its threshold from <run_dir>/split.json, or chosen the way the
+    # trainer would choose it when there is none (nothing is written here).
+    train, val, note = split_store(store, cfg, write=False)
     n = cfg.eval.n_samples
     total = len(val) + len(heldout)
     if total == 0:

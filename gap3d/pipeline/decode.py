@@ -4,8 +4,7 @@ Web-scale image-text data is dirty: truncated JPEGs, HTML error pages saved as `
 decompression bombs, 16-bit or CMYK files, captions in Latin-1. The cache stage must never stop
 on one bad sample, so :func:`decode_sample` turns every failure into an *invalid record* with a
 short, stable reason code (:data:`REASONS`) and every fixable oddity into a conversion noted in
-the record's ``meta``. :func:`read_tar` reads a webdataset tar sample by sample and keeps what
-comes before any damage.
+the record's ``meta``. Tars are read by :mod:`gap3d.pipeline.tars`.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ from __future__ import annotations
 import io
 import json
 import struct
-import tarfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +32,7 @@ REASONS: dict[str, str] = {
     "caption_missing": "the sample has no txt entry and no 'caption' in its json",
     "caption_empty": "the caption is empty or whitespace only",
     "sample_truncated": "the shard tar ended inside this sample (its entries are incomplete)",
+    "member_too_large": "a tar member is larger than data.max_member_bytes (skipped unread)",
     "encode_failed": "the frozen encoder raised on this sample (meta 'encode_error' says why)",
     # set by FeatureStore.write_shard, listed here so that every code has one description
     "non_finite_features": "the encoders returned NaN/inf or values beyond float16's range",
@@ -227,92 +225,15 @@ def thumbnail(image: Image.Image | None, size: int = 64) -> np.ndarray:
     return np.asarray(ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC), np.uint8)
 
 
-@dataclass
-class TarContents:
-    """Samples of one shard in tar order, and what went wrong reading it (``None``: nothing)."""
-
-    samples: list[dict[str, Any]]
-    error: str | None = None
-    truncated_key: str | None = None  # the sample the damage cut through, if any
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    # webdataset convention: key = path up to the first dot of the basename.
-    d, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
-class TarDamage(tarfile.ReadError):
-    """The tar is damaged; ``key`` is the sample whose member could not be read (if known)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-
-
-def iter_tar(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
-    """``(key, ext, data)`` per regular file of a plain tar, streaming.
-
-    Raises :class:`TarDamage` at the first damage, after yielding everything before it.
-    Python's tarfile treats a file cut inside a header as a normal end, so the end-of-archive
-    marker (two zero blocks, written by every tar writer) is checked explicitly.
-    """
-    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = _split_name(m.name)
-            try:
-                f = tf.extractfile(m)
-                data = f.read() if f is not None else b""
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise TarDamage(f"member {m.name}: {e}", key) from e
-            if len(data) != m.size:
-                raise TarDamage(f"member {m.name} ends after {len(data)}/{m.size} bytes", key)
-            yield key, ext, data
-        end = tf.offset
-        fh.seek(end)
-        marker = fh.read(2 * tarfile.BLOCKSIZE)
-    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
-        raise TarDamage(f"no end-of-archive marker at byte {end}: the tar is truncated")
-
-
-def read_tar(path: str | Path) -> TarContents:
-    """All samples of a webdataset tar, grouped by key; damage keeps the samples before it.
-
-    A sample is known complete only when a member of the next key appears, so the one that
-    the damage cuts through is returned as ``{"__key__": key, "__truncated__": True}``.
-    """
-    out = TarContents(samples=[])
-    current: dict[str, Any] | None = None
-    try:
-        for key, ext, data in iter_tar(path):
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    out.samples.append(current)
-                current = {"__key__": key, "__url__": str(path)}
-            current[ext] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-        damaged = getattr(e, "key", None)
-        if current is not None and damaged is not None and damaged != current["__key__"]:
-            out.samples.append(current)  # a member of a new key started: current is whole
-            current = None
-        key = damaged if damaged is not None else (current or {}).get("__key__")
-        if key is not None:
-            out.truncated_key = key
-            out.samples.append({"__key__": key, "__truncated__": True})
-        return out
-    if current is not None:
-        out.samples.append(current)
-    return out
-
-
 def decode_any(
     sample: Mapping[str, Any], max_image_pixels: int, max_caption_chars: int
 ) -> DecodedSample:
-    """:func:`decode_sample`, plus the ``sample_truncated`` marker left by :func:`read_tar`."""
+    """:func:`decode_sample`, plus the ``sample_truncated`` and ``__oversize__`` marks left by
+    :class:`gap3d.pipeline.tars.TarStream`."""
     if sample.get("__truncated__"):
         return DecodedSample(key=str(sample["__key__"])).invalid("sample_truncated")
+    if sample.get("__oversize__"):
+        out = DecodedSample(key=str(sample["__key__"]))
+        out.meta["oversize_members"] = dict(sample["__oversize__"])
+        return out.invalid("member_too_large")
     return decode_sample(sample, max_image_pixels, max_caption_chars)

@@ -1,7 +1,9 @@
 """``gap3d download``: URL list -> webdataset shards, one Dask task per URL partition.
 
-The URL list (parquet, csv or tsv) is validated, split into ``data.partitions`` contiguous
-partitions and each partition is downloaded by ``img2dataset.download`` inside one Dask task:
+The URL list (parquet, csv or tsv) is validated, split into contiguous partitions of
+``data.partition_rows`` rows (fixed size: rows appended to the list add partitions and never
+move rows between old ones) and each partition is downloaded by ``img2dataset.download``
+inside one Dask task:
 
     <shards_dir>/_inputs/part-00000.parquet     the partition's rows (url, caption, extras)
     <shards_dir>/part-00000/00000.tar           webdataset shards: <key>.jpg/.txt/.json
@@ -14,9 +16,10 @@ columns (``data.extra_cols``; for the demo also ``asset_id, shape, colour, split
 A partition whose ``_done.json`` matches its input and download settings is skipped; one
 without it is wiped and downloaded again. URLs that fail are counted by reason, never fatal.
 
-:func:`list_shards` gives the finished shards in the global order (partition, then shard) from
-which the encode stage numbers its store shards. img2dataset numbers sample keys per partition,
-so keys repeat across partitions; :func:`sample_id` makes them unique (``part-00001/0000003``).
+``gap3d.pipeline.sources`` turns the finished shards into store shards: tar ``j`` of partition
+``p`` is store shard ``p * ceil(partition_rows / samples_per_shard) + j``. img2dataset numbers
+sample keys per partition, so keys repeat across partitions; :func:`sample_id` makes them
+unique (``part-00001/0000003``).
 
 The demo's URLs point at a loopback server in this process, so its download needs the Dask
 workers on this host (the default LocalCluster). Changing ``data.demo.port`` changes every
@@ -171,7 +174,8 @@ def _table_digest(table: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_marker(out: Path) -> dict[str, Any] | None:
+def read_done_marker(out: Path) -> dict[str, Any] | None:
+    """The partition's ``_done.json`` (None while it is not finished)."""
     try:
         return json.loads((out / DONE_MARKER).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -216,7 +220,7 @@ def _run_img2dataset(**kwargs: Any) -> None:
 def download_partition(task: PartitionTask) -> PartitionResult:
     """Download one partition with img2dataset unless its marker says it is done."""
     out = Path(task.output_dir)
-    marker = _read_marker(out)
+    marker = read_done_marker(out)
     if marker is not None and marker.get("fingerprint") == task.fingerprint:
         return _result_from_marker(task.index, marker, skipped=True)
     if multiprocessing.current_process().daemon:
@@ -272,10 +276,10 @@ def sample_id(shard: str | Path, key: str) -> str:
 
 def list_shards(shards_dir: str | Path) -> list[Path]:
     """Every finished ``.tar`` in global order: partition, then shard (only partitions with
-    a ``_done.json``). The encode stage numbers store shards by position in this list."""
+    a ``_done.json``)."""
     out = []
     for part in sorted(Path(shards_dir).glob("part-[0-9]*")):
-        marker = _read_marker(part)
+        marker = read_done_marker(part)
         if marker is not None:
             out.extend(part / name for name in sorted(marker["shards"]))
     return out
@@ -319,24 +323,30 @@ def plan_partitions(cfg: Gap3dConfig) -> list[PartitionTask]:
     table = read_url_list(cfg.url_list_path, d.url_col, d.caption_col, extra)
     table = _truncate_captions(table, d.caption_col, d.max_caption_chars)
     options = _img2dataset_options(cfg, extra)
-    n_parts = min(d.partitions, table.num_rows)
-    bounds = np.array_split(np.arange(table.num_rows), n_parts)
+    n_parts = -(-table.num_rows // d.partition_rows)
+    bounds = [
+        np.arange(lo, min(lo + d.partition_rows, table.num_rows))
+        for lo in range(0, table.num_rows, d.partition_rows)
+    ]
     inputs = cfg.shards_dir / INPUTS_DIR
     inputs.mkdir(parents=True, exist_ok=True)
     opts_digest = json.dumps(options, sort_keys=True)
     tasks = []
     for i, idx in enumerate(bounds):
-        part = table.slice(int(idx[0]), len(idx))
+        # take() copies the rows into fresh, zero-offset buffers, so the digest depends only on
+        # the partition's content, not on how much of the list came after it
+        part = table.take(idx)
         fp = hashlib.sha256((_table_digest(part) + opts_digest).encode()).hexdigest()[:16]
         input_path = inputs / f"part-{i:05d}.parquet"
         out = partition_dir(cfg.shards_dir, i)
-        marker = _read_marker(out)
+        marker = read_done_marker(out)
         if marker is None or marker.get("fingerprint") != fp:
             pq.write_table(part, input_path)
         tasks.append(
             PartitionTask(i, str(input_path.resolve()), str(out.resolve()), fp, options, len(idx))
         )
-    # Partitions beyond the current count belong to an older, longer URL list.
+    # Partitions beyond the current count belong to an older, longer URL list (a store
+    # encoded from them will refuse the change: see gap3d.pipeline.sources).
     for stale in cfg.shards_dir.glob("part-[0-9]*"):
         if int(stale.name.split("-")[1]) >= n_parts:
             shutil.rmtree(stale, ignore_errors=True)
@@ -364,7 +374,7 @@ def download(cfg: Gap3dConfig) -> DownloadReport:
     results: dict[int, PartitionResult] = {}
     todo = []
     for t in tasks:
-        marker = _read_marker(Path(t.output_dir))
+        marker = read_done_marker(Path(t.output_dir))
         if marker is not None and marker.get("fingerprint") == t.fingerprint:
             results[t.index] = _result_from_marker(t.index, marker, skipped=True)
         else:

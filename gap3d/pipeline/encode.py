@@ -1,10 +1,14 @@
 """``gap3d cache``: webdataset shards -> Zarr feature store, one Dask task per shard.
 
-The client side of the encode stage: list the shards, create (or reopen) the store with a spec
-taken from the encoders themselves, skip committed shards, submit one task per remaining shard
-(``workers.encode_shard``), follow them with a progress bar, then compute the store statistics
-and record the invalid-sample counts in the manifest. A failed shard is reported and the others
-go on; re-running resumes, because a shard counts only once its commit marker exists.
+The client side of the encode stage: list the input shards (``sources.py``), compare them with
+the store's commit records (a committed shard whose input changed, vanished or was renumbered
+is refused, or re-encoded on request), create (or reopen) the store with a spec taken from the
+encoders themselves, submit one task per shard to encode (``workers.encode_shard``), follow them
+with a progress bar and record the invalid-sample counts in the manifest. A failed shard is
+reported and the others go on; re-running resumes, because a shard counts only once its commit
+record exists. A re-run over a complete, unchanged store reads only commit records and the
+inputs' metadata: no token, no cluster. Statistics need no pass of their own: each task stores
+the partial moments of its shard (``gap3d.store.stats``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zarr
-
 from gap3d.config import Gap3dConfig
-from gap3d.pipeline.workers import ShardReport, encode_shard, encoder_info
-from gap3d.store import FeatureStore, StoreSpec
-from gap3d.store.manifest import MANIFEST_KEY
+from gap3d.pipeline.sources import SourceShard, list_sources, listed_sources
+from gap3d.pipeline.workers import EncodeLimits, ShardReport, encode_shard, encoder_info
+from gap3d.store import FeatureStore, StoreError, StoreSpec
 
 __all__ = ["CacheReport", "cache", "cli_main", "store_spec"]
 
@@ -121,6 +123,7 @@ def store_spec(cfg: Gap3dConfig, info: dict[str, Any], n_shards: int) -> StoreSp
         prompt_template=cfg.prompt_encoder.template,
         config_hash=cfg.hash(*CACHE_HASH_SECTIONS),
         extra={"data_source": cfg.data.source},
+        rows_per_file=cfg.store.rows_per_file,
     )
 
 
@@ -136,71 +139,124 @@ def _torch_threads(cfg: Gap3dConfig) -> int | None:
 
 
 def _record_counts(store: FeatureStore) -> dict[str, int]:
-    """Per-reason invalid counts (from the commit markers) into the manifest under "cache"."""
+    """Per-reason invalid counts (from the commit records) into the manifest under "cache"."""
+    records = store.commit_records(refresh=True)
     counts = store.invalid_counts()
-    markers = [store.commit_info(s) for s in store.committed_shards()]
-    group = zarr.open_group(str(store.path), mode="r+", zarr_format=3)
-    m = dict(group.attrs[MANIFEST_KEY])
-    m["cache"] = {
+    summary = {
         "invalid_counts": counts,
-        "n_samples": sum(k["n_samples"] for k in markers),
-        "n_valid": sum(k["n_valid"] for k in markers),
-        "committed_shards": len(markers),
+        "n_samples": sum(r["n_samples"] for r in records.values()),
+        "n_valid": sum(r["n_valid"] for r in records.values()),
+        "committed_shards": len(records),
         "updated_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    group.update_attributes({MANIFEST_KEY: m})
-    store.manifest = m
+    if store.manifest.get("cache") != summary:
+        store.annotate("cache", summary)
     return counts
 
 
-def _all_done(cfg: Gap3dConfig, n_shards: int) -> FeatureStore | None:
-    """The store, if it already holds every shard for this very config (no cluster needed)."""
+@dataclass
+class SourceCheck:
+    """Committed store shards compared with the current input shards."""
+
+    unchanged: list[int] = field(default_factory=list)
+    changed: dict[int, str] = field(default_factory=dict)  # shard id -> what differs
+    removed: dict[int, str] = field(default_factory=dict)  # committed, no input any more
+    todo: list[int] = field(default_factory=list)  # to encode (new, uncommitted or changed)
+
+
+def check_sources(store: FeatureStore | None, sources: list[SourceShard]) -> SourceCheck:
+    """Which committed shards still match their input (O(shards) metadata, no token read)."""
+    out = SourceCheck()
+    records = store.commit_records(refresh=True) if store is not None else {}
+    by_id = {s.shard_id: s for s in sources}
+    for sid, rec in records.items():
+        if sid not in by_id:
+            old = (rec.get("source") or {}).get("url", "?")
+            out.removed[sid] = f"was encoded from {old}, which is no longer an input shard"
+    for src in sources:
+        rec = records.get(src.shard_id)
+        if rec is None:
+            out.todo.append(src.shard_id)
+            continue
+        old, new = rec.get("source") or {}, src.record()
+        if old == new:
+            out.unchanged.append(src.shard_id)
+            continue
+        if old.get("url") != new["url"]:
+            why = f"was encoded from {old.get('url')}, the input is now {new['url']}"
+        else:
+            why = (
+                f"its input {new['url']} changed (fingerprint {old.get('fingerprint')} -> "
+                f"{new['fingerprint']})"
+            )
+        out.changed[src.shard_id] = why
+        out.todo.append(src.shard_id)
+    return out
+
+
+def _refuse_changes(check: SourceCheck, store_url: str) -> None:
+    problems = [
+        f"store shard {s}: {why}" for s, why in sorted({**check.changed, **check.removed}.items())
+    ]
+    shown = "\n  ".join(problems[:20]) + (
+        f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    )
+    raise SourceChangedError(
+        f"{store_url}: {len(problems)} committed shard(s) no longer match their input:\n  "
+        f"{shown}\nRe-encode them with `gap3d cache --reencode-changed` (or "
+        "data.on_source_change=reencode), or point store.path at a new store."
+    )
+
+
+class SourceChangedError(RuntimeError):
+    """Committed shards whose input shard changed, vanished or was renumbered."""
+
+
+def _open_existing(cfg: Gap3dConfig) -> FeatureStore | None:
     try:
-        store = FeatureStore.open(cfg.store_path, mode="r+")
-    except Exception:  # noqa: BLE001 - absent or unreadable: the normal path reports it
-        return None
-    same = store.manifest.get("config_hash") == cfg.hash(*CACHE_HASH_SECTIONS)
-    if same and store.n_shards == n_shards and not store.missing_shards():
-        return store
-    return None
-
-
-def _finish(store: FeatureStore, report: CacheReport) -> None:
-    info = store.stats_info()
-    if store.committed_shards() and (info is None or info["stale"] or report.done):
-        store.finalize(progress=True)
-    report.store_invalid = _record_counts(store)
+        return FeatureStore.open(cfg.store_path, mode="r+", reader="zarr")
+    except StoreError:
+        return None  # absent, or unfinished: the normal path creates or reports it
 
 
 def cache(
     cfg: Gap3dConfig, client: Any = None, shards: Sequence[str | Path] | None = None
 ) -> CacheReport:
-    """Encode every uncommitted shard of ``cfg.shards_dir`` into ``cfg.store_path``.
+    """Encode every input shard of ``cfg`` that is not committed (or whose input changed).
 
     ``client``: an existing ``distributed.Client`` (tests, notebooks); by default one is opened
     from ``cfg.cluster`` (a LocalCluster, or ``cluster.scheduler``) and closed at the end.
-    ``shards``: explicit tar paths (store shard ``i`` = ``shards[i]``) instead of the finished
-    shards that ``download.list_shards(cfg.shards_dir)`` finds.
+    ``shards``: explicit tar paths or URLs (store shard ``i`` = ``shards[i]``) instead of the
+    input shards of the config (``sources.list_sources``).
     """
     t0 = time.perf_counter()
     if shards is None:
-        from gap3d.pipeline.download import list_shards
-
-        shards = list_shards(cfg.shards_dir)
-    shards = [str(p) for p in shards]
-    if not shards:
+        sources = list_sources(cfg)
+    else:
+        sources = listed_sources([str(p) for p in shards])
+    if not sources:
+        where = ", ".join(cfg.data.shards) if cfg.data.source == "shards" else cfg.shards_dir
         raise FileNotFoundError(
-            f"no webdataset shards in {cfg.shards_dir}; run `gap3d download` first"
+            f"no webdataset shards in {where}; run `gap3d download` first"
+            if cfg.data.source != "shards"
+            else f"data.shards matched no tar: {where}"
         )
-    report = CacheReport(store_path=str(cfg.store_path), n_shards=len(shards))
-    store = _all_done(cfg, len(shards))
+    n_shards = max(s.shard_id for s in sources) + 1
+    report = CacheReport(store_path=str(cfg.store_path), n_shards=len(sources))
+    store = _open_existing(cfg)
     if store is not None:
-        report.skipped = store.committed_shards()
-        _finish(store, report)
+        n_shards = max(n_shards, store.n_shards)  # shards without input are handled below
+    check = check_sources(store, sources)
+    if (check.changed or check.removed) and cfg.data.on_source_change == "refuse":
+        _refuse_changes(check, str(cfg.store_path))
+    if store is not None and not check.todo and not check.removed:
+        # Complete and unchanged: O(shards) metadata work, no cluster, no token read.
+        report.skipped = check.unchanged
+        report.store_invalid = _record_counts(store)
         report.seconds = time.perf_counter() - t0
         return report
     if client is not None:
-        _run(cfg, client, shards, report)
+        _run(cfg, client, sources, n_shards, check, report)
     else:
         import dask
         import distributed  # noqa: F401 - its config defaults must exist before one is overridden
@@ -208,12 +264,19 @@ def cache(
         from gap3d.pipeline.cluster import open_client
 
         with dask.config.set(WORKER_ENV), open_client(cfg.cluster, purpose="cache") as own:
-            _run(cfg, own, shards, report)
+            _run(cfg, own, sources, n_shards, check, report)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _run(cfg: Gap3dConfig, client: Any, shards: list[str], report: CacheReport) -> None:
+def _run(
+    cfg: Gap3dConfig,
+    client: Any,
+    sources: list[SourceShard],
+    n_shards: int,
+    check: SourceCheck,
+    report: CacheReport,
+) -> None:
     from gap3d.pipeline.cluster import gather_with_progress
 
     report.dashboard = getattr(client, "dashboard_link", None)
@@ -223,21 +286,32 @@ def _run(cfg: Gap3dConfig, client: Any, shards: list[str], report: CacheReport) 
     pcfg, icfg = cfg.prompt_encoder, cfg.image_encoder
     # The spec comes from the encoders on a worker: the client never loads a model.
     info = client.submit(encoder_info, pcfg, icfg, resources=resources, pure=False).result()
-    store = FeatureStore.open_or_create(cfg.store_path, store_spec(cfg, info, len(shards)))
-    report.skipped = store.committed_shards()
-    todo = [s for s in range(len(shards)) if s not in set(report.skipped)]
+    spec = store_spec(cfg, info, n_shards)
+    store = FeatureStore.open_or_create(cfg.store_path, spec)
+    for sid in check.removed:  # data.on_source_change=reencode: inputs that vanished
+        store.uncommit(sid)
+    if check.changed or check.removed:
+        print(
+            f"gap3d cache: re-encoding {len(check.changed)} changed shard(s), uncommitting "
+            f"{len(check.removed)} without input (data.on_source_change=reencode)"
+        )
+    report.skipped = list(check.unchanged)
+    by_id = {s.shard_id: s for s in sources}
+    todo = sorted(check.todo)
+    limits = EncodeLimits(
+        cfg.data.max_image_pixels, cfg.data.max_caption_chars, cfg.data.max_member_bytes
+    )
     threads = _torch_threads(cfg)
     t0 = time.perf_counter()
     futures = [
         client.submit(
             encode_shard,
             sid,
-            shards[sid],
-            str(store.path),
+            by_id[sid],
+            store.url,
             pcfg,
             icfg,
-            cfg.data.max_image_pixels,
-            cfg.data.max_caption_chars,
+            limits,
             threads,
             resources=resources,
             pure=False,
@@ -249,12 +323,12 @@ def _run(cfg: Gap3dConfig, client: Any, shards: list[str], report: CacheReport) 
     report.done = sorted((r for r in results if r is not None), key=lambda r: r.shard_id)
     for f in failures:
         sid = todo[f.index]
-        report.failed[sid] = f"{shards[sid]}: {f.error}"
+        report.failed[sid] = f"{by_id[sid].record()['url']}: {f.error}"
         print(
             f"gap3d cache: shard {sid} failed: {report.failed[sid]}\n{f.traceback}", file=sys.stderr
         )
     report.process_seconds = time.perf_counter() - t0
-    _finish(store, report)
+    report.store_invalid = _record_counts(store)
 
 
 def _check_gpu_workers(client: Any) -> None:
@@ -268,7 +342,11 @@ def _check_gpu_workers(client: Any) -> None:
 
 def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
     """``gap3d cache``: exit 0 when every shard is committed, 1 if any shard failed."""
-    report = cache(cfg)
+    try:
+        report = cache(cfg)
+    except SourceChangedError as e:
+        print(f"gap3d cache: {e}", file=sys.stderr)
+        return 1
     print(report.summary())
     if report.store_invalid:
         total = ", ".join(f"{k} {v}" for k, v in report.store_invalid.items())
@@ -279,5 +357,5 @@ def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"  done: {Path(cfg.store_path)} (inspect it with `gap3d inspect`)")
+    print(f"  done: {cfg.store_path} (inspect it with `gap3d inspect`)")
     return 0

@@ -2,8 +2,10 @@
 
 Models are loaded once per worker *process*: :func:`get_encoders` keeps them in a module-level
 cache keyed by the encoder configs, so the second shard a worker gets costs no loading at all
-(paper scale: ~7 GB of VLM weights). :func:`encode_shard` is the one Dask task per shard: read
-the tar, decode robustly, encode in batches, write the shard's store region, report.
+(paper scale: ~7 GB of VLM weights). :func:`encode_shard` is the one Dask task per shard: stream
+the tar, decode robustly and preprocess ahead of the encoders (a bounded prefetch), encode in
+batches, write each block of rows as soon as it is full, commit last, report. A task's memory
+is a few batches and one block of rows, whatever the shard size.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +28,10 @@ from PIL import Image
 
 from gap3d.config import ImageEncoderConfig, PromptEncoderConfig
 from gap3d.encoders import ImageEncoder, PromptEncoder, build_image_encoder, build_prompt_encoder
-from gap3d.pipeline.decode import DecodedSample, decode_any, read_tar, thumbnail
+from gap3d.pipeline.batches import DecodedBatch, decoded_batches, prefetch
+from gap3d.pipeline.sources import SourceShard
+from gap3d.pipeline.tars import TarStream
 from gap3d.store import FeatureStore, ShardData
-from gap3d.store.manifest import THUMBNAIL_SIZE
 
 
 @dataclass
@@ -130,119 +133,148 @@ class ShardReport:
     invalid: dict[str, int] = field(default_factory=dict)
     tar_error: str | None = None  # the shard's tar was damaged; samples before it were kept
     seconds: float = 0.0
-    encode_seconds: float = 0.0  # time inside the encoders (preprocessing + forward)
+    encode_seconds: float = 0.0  # time inside the encoder forwards
     worker_pid: int = 0
+    peak_rss_bytes: int = 0  # of the worker process, at the end of the task
 
 
-def _encode_valid(enc: Encoders, samples: list[DecodedSample]) -> tuple[np.ndarray, ...]:
-    """Prompt latents, masks and image tokens for ``samples`` (all valid).
+@dataclass(frozen=True)
+class EncodeLimits:
+    """Per-sample guards of the encode task (from ``cfg.data``)."""
 
-    The encoders batch by their own ``batch_size``. If a call raises, the samples are retried
-    one by one, so one sample the encoder cannot handle is marked ``encode_failed`` instead of
-    failing the whole shard.
+    max_image_pixels: int
+    max_caption_chars: int
+    max_member_bytes: int | None = None
+
+
+def encode_batch(enc: Encoders, batch: DecodedBatch, timings: dict[str, float]) -> ShardData:
+    """One decoded batch -> its :class:`ShardData` rows (prompt latents, masks, tokens).
+
+    If an encoder call raises, the batch's samples are retried one by one, so one sample the
+    encoder cannot handle is marked ``encode_failed`` instead of failing the whole shard.
     """
+    samples = batch.samples
     n, lay = len(samples), enc.image.layout
-    lat = np.zeros((n, enc.prompt.max_length, enc.prompt.hidden_size), np.float32)
-    mask = np.zeros((n, enc.prompt.max_length), bool)
-    tok = np.zeros((n, lay.n_tokens, lay.channels), np.float32)
-
-    def run(lo: int, hi: int) -> None:
-        batch = samples[lo:hi]
-        pb = enc.prompt.encode([s.caption for s in batch], pad_to_max=True)
-        lat[lo:hi], mask[lo:hi] = pb.hidden.numpy(), pb.mask.numpy()
-        tok[lo:hi] = enc.image.encode([s.image for s in batch]).numpy()
-
-    with enc.lock:
-        try:
-            run(0, n)
-        except Exception:  # noqa: BLE001 - isolate the bad sample below
-            for i in range(n):
-                try:
-                    run(i, i + 1)
-                except Exception as e:  # noqa: BLE001 - recorded on the sample
-                    samples[i].meta["encode_error"] = f"{type(e).__name__}: {e}"[:200]
-                    samples[i].invalid("encode_failed")
-    return lat, mask, tok
-
-
-def encode_samples(
-    enc: Encoders, decoded: list[DecodedSample], timings: dict[str, float] | None = None
-) -> ShardData:
-    """Decoded samples (valid or not, in shard order) -> the store's :class:`ShardData`.
-
-    ``timings["forward_s"]`` (if given) receives the seconds spent in the encoders.
-    """
-    n, lay = len(decoded), enc.image.layout
     L, D = enc.prompt.max_length, enc.prompt.hidden_size
     lat = np.zeros((n, L, D), np.float32)
     mask = np.zeros((n, L), bool)
     tok = np.zeros((n, lay.n_tokens, lay.channels), np.float32)
-    rows = [i for i, d in enumerate(decoded) if d.valid]
+    rows = batch.valid_rows
     t0 = time.perf_counter()
     if rows:
-        v_lat, v_mask, v_tok = _encode_valid(enc, [decoded[i] for i in rows])
-        lat[rows], mask[rows], tok[rows] = v_lat, v_mask, v_tok
-    if timings is not None:
-        timings["forward_s"] = time.perf_counter() - t0
-    thumbs = (
-        np.stack([thumbnail(d.image, THUMBNAIL_SIZE) for d in decoded])
-        if n
-        else np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
-    )
+        pixels = batch.pixels
+        assert pixels is not None and len(pixels) == len(rows)
+
+        def run(sel: list[int]) -> None:
+            idx = [rows[i] for i in sel]
+            pb = enc.prompt.encode([samples[i].caption for i in idx], pad_to_max=True)
+            lat[idx], mask[idx] = pb.hidden.numpy(), pb.mask.numpy()
+            tok[idx] = enc.image.encode_pixels(pixels[sel]).numpy()
+
+        with enc.lock:
+            try:
+                run(list(range(len(rows))))
+            except Exception:  # noqa: BLE001 - isolate the bad sample below
+                for j in range(len(rows)):
+                    try:
+                        run([j])
+                    except Exception as e:  # noqa: BLE001 - recorded on the sample
+                        s = samples[rows[j]]
+                        s.meta["encode_error"] = f"{type(e).__name__}: {e}"[:200]
+                        s.invalid("encode_failed")
+    timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t0
     return ShardData(
         image_tokens=tok,
         prompt_latents=lat,
         prompt_mask=mask,
-        caption=[d.caption for d in decoded],
-        key=[d.key for d in decoded],
-        url=[d.url for d in decoded],
-        split=[d.split for d in decoded],
-        meta=[d.meta for d in decoded],
-        reason=[d.reason for d in decoded],
-        thumbnail=thumbs,
+        caption=[d.caption for d in samples],
+        key=[d.key for d in samples],
+        url=[d.url for d in samples],
+        split=[d.split for d in samples],
+        meta=[d.meta for d in samples],
+        reason=[d.reason for d in samples],
+        thumbnail=batch.thumbnails,
     )
+
+
+def encode_samples(
+    enc: Encoders,
+    raw_samples: Iterable[dict[str, Any]],
+    limits: EncodeLimits,
+    timings: dict[str, float] | None = None,
+    prefetch_depth: int = 1,
+) -> Iterator[ShardData]:
+    """Raw webdataset samples (in shard order) -> :class:`ShardData` batches, streaming.
+
+    Decoding and preprocessing of the next batch run in a background thread
+    (``prefetch_depth`` batches ahead) while the encoders work on the current one.
+    ``timings["forward_s"]`` (if given) receives the seconds spent in the encoders.
+    """
+    timings = {} if timings is None else timings
+    batches = decoded_batches(
+        raw_samples,
+        enc.image.cfg.batch_size,
+        limits.max_image_pixels,
+        limits.max_caption_chars,
+        enc.image.preprocess,
+    )
+    for batch in prefetch(batches, prefetch_depth):
+        yield encode_batch(enc, batch, timings)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def encode_shard(
     shard_id: int,
-    tar_path: str,
-    store_path: str,
+    source: SourceShard,
+    store_url: str,
     pcfg: PromptEncoderConfig,
     icfg: ImageEncoderConfig,
-    max_image_pixels: int,
-    max_caption_chars: int,
+    limits: EncodeLimits,
     torch_threads: int | None = None,
+    prefetch_depth: int = 1,
 ) -> ShardReport:
-    """The Dask task for one shard: tar -> decode -> encode -> ``store.write_shard``."""
+    """The Dask task for one shard: stream the tar -> decode -> encode -> write, batch by
+    batch; the commit record goes last (``gap3d.store.writer``)."""
     t0 = time.perf_counter()
     tune_malloc()
     set_torch_threads(torch_threads)
-    tar = read_tar(tar_path)
-    if tar.error and not tar.samples:
-        raise RuntimeError(
-            f"shard {shard_id}: cannot read {tar_path} ({tar.error}); "
-            "re-download it (`gap3d download`) and re-run"
-        )
-    store = FeatureStore.open(store_path, mode="r+")
-    if len(tar.samples) > store.samples_per_shard:
-        raise RuntimeError(
-            f"shard {shard_id}: {tar_path} holds {len(tar.samples)} samples, more than the "
-            f"store's samples_per_shard={store.samples_per_shard}; the shards were downloaded "
-            "with another data.samples_per_shard; use that value or re-download"
-        )
-    decoded = [decode_any(s, max_image_pixels, max_caption_chars) for s in tar.samples]
+    store = FeatureStore.open(store_url, mode="r+", reader="zarr")
     enc = get_encoders(pcfg, icfg)
+    stream = TarStream(source.url, limits.max_member_bytes)
+    writer = store.shard_writer(shard_id, source=source.record()).begin()
     timings: dict[str, float] = {}
-    data = encode_samples(enc, decoded, timings)
-    info = store.write_shard(shard_id, data)
+    n = 0
+    for data in encode_samples(enc, stream, limits, timings, prefetch_depth):
+        n += len(data)
+        if n > store.samples_per_shard:
+            raise RuntimeError(
+                f"shard {shard_id}: {source.record()['url']} holds more than the store's "
+                f"samples_per_shard={store.samples_per_shard} samples; the shards were made "
+                "with another data.samples_per_shard; use that value or a new store"
+            )
+        writer.add(data)
+    if stream.error and n == 0:
+        raise RuntimeError(
+            f"shard {shard_id}: cannot read {source.record()['url']} ({stream.error}); "
+            "re-download or replace it and re-run"
+        )
+    info = writer.commit()
     return ShardReport(
         shard_id=shard_id,
-        path=str(Path(tar_path)),
+        path=source.record()["url"],
         n_samples=info["n_samples"],
         n_valid=info["n_valid"],
         invalid=dict(info["reasons"]),
-        tar_error=tar.error,
+        tar_error=stream.error,
         seconds=time.perf_counter() - t0,
-        encode_seconds=timings["forward_s"],
+        encode_seconds=timings.get("forward_s", 0.0),
         worker_pid=os.getpid(),
+        peak_rss_bytes=peak_rss_bytes(),
     )

@@ -1,16 +1,23 @@
-"""``gap3d inspect``: describe a feature store for people (text) and machines (``--json``)."""
+"""``gap3d inspect``: describe a feature store for people (text) and machines (``--json``).
+
+Everything comes from the manifest, the commit records and the storage's own listing of the
+store's objects (sizes), through zarr's storage layer: the same report for a local folder and
+for ``s3://``/``gs://`` stores, without reading a token.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zarr.core.sync import sync
 
 from gap3d.store import FeatureStore, StoreError
+from gap3d.store.manifest import ROLES
 
 # Decoded (in-memory, as the trainer sees it) bytes per element of each array.
 _DECODED_ITEMSIZE = {
@@ -22,8 +29,23 @@ _DECODED_ITEMSIZE = {
 }
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def prefix_bytes(store: Any, prefix: str) -> int:
+    """Total size of the objects below ``prefix`` of a zarr store (one listing; object
+    stores report sizes in their listings, local stores answer with a stat per file)."""
+    fs = getattr(store, "fs", None)
+    if fs is not None:  # FsspecStore: the filesystem's own du() over one listing
+        path = f"{store.path.rstrip('/')}/{prefix}"
+        if getattr(fs, "async_impl", False) and hasattr(fs, "_du"):
+            return int(sync(fs._du(path, total=True)))
+        return int(fs.du(path, total=True))
+
+    async def total() -> int:
+        sizes = []
+        async for key in store.list_prefix(prefix + "/"):
+            sizes.append(store.getsize(key))
+        return int(sum(await asyncio.gather(*sizes)))
+
+    return int(sync(total()))
 
 
 def _codecs(meta_codecs: list[dict[str, Any]]) -> list[str]:
@@ -60,8 +82,9 @@ def _ranges(ids: list[int]) -> str:
 def describe(store: FeatureStore) -> dict[str, Any]:
     """Everything ``gap3d inspect`` shows, as a JSON-able dict."""
     m = store.manifest
-    committed = store.committed_shards()
-    markers = [store.commit_info(s) for s in committed]
+    records = store.commit_records(refresh=True)
+    committed = sorted(records)
+    markers = [records[s] for s in committed]
     n_samples = sum(k["n_samples"] for k in markers)
     n_valid = sum(k["n_valid"] for k in markers)
     splits: dict[str, int] = {}
@@ -72,11 +95,11 @@ def describe(store: FeatureStore) -> dict[str, Any]:
     total_disk = total_decoded = 0
     for name, a in m["arrays"].items():
         arr = store.raw(name)
-        disk = _dir_bytes(store.path / name)
+        disk = prefix_bytes(store.zarr_store, name)
         per_row = int(np.prod(a["shape"][1:])) if len(a["shape"]) > 1 else 1
         decoded = per_row * _DECODED_ITEMSIZE.get(name, 0)
-        if name == "image_scale":
-            decoded = 0  # folded into the decoded image_tokens
+        if name == "image_scale" or name.startswith("moments/"):
+            decoded = 0  # folded into the decoded image_tokens / not per sample
         arrays[name] = {
             "shape": list(arr.shape),
             "dtype": str(a["dtype"]),
@@ -89,9 +112,9 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         }
         total_disk += disk
         total_decoded += decoded
-    info = store.stats_info()
+    counts = {r: sum(k["moments"]["count"][r] for k in markers) for r in ROLES}
     return {
-        "path": str(store.path),
+        "path": store.url,
         "manifest": m,
         "arrays": arrays,
         "shards": {
@@ -117,8 +140,10 @@ def describe(store: FeatureStore) -> dict[str, Any]:
             "bool mask and uint8 thumbnail of one sample (text columns not counted)",
         },
         "stats": {
-            "present": info is not None,
-            **({k: info[k] for k in ("shards", "n_samples", "n_tokens", "stale")} if info else {}),
+            "partial_moments_shards": len(markers),
+            "token_counts": counts,
+            "note": "per-shard partial moments of valid train rows; merged on demand by the "
+            "trainer when aligner.normalize_targets is on",
         },
     }
 
@@ -173,20 +198,17 @@ def format_text(r: dict[str, Any]) -> str:
     for reason, c in sa["invalid_reasons"].items():
         lines.append(f"        invalid {c:>8}  {reason}")
     st = r["stats"]
-    if not st["present"]:
-        lines.append("stats   none (run finalize: `gap3d cache` does it at the end)")
-    else:
-        lines.append(
-            f"stats   per-role mean/std over {st['n_samples']} samples from "
-            f"{len(st['shards'])} shards"
-            + ("  ** STALE: shards changed since **" if st["stale"] else "")
-        )
+    tokens = ", ".join(f"{k} {v}" for k, v in st["token_counts"].items() if v) or "none"
+    lines.append(
+        f"stats   partial moments in {st['partial_moments_shards']} committed shards "
+        f"(train tokens: {tokens}); merged on demand"
+    )
     return "\n".join(lines)
 
 
 def cli_main(cfg: Any, args: argparse.Namespace) -> int:
     """``gap3d inspect [STORE] [--json]``: 0 on success, 1 for a missing or broken store."""
-    path = Path(getattr(args, "store", None) or cfg.store_path)
+    path = getattr(args, "store", None) or cfg.store_path
     try:
         report = describe(FeatureStore.open(path, "r"))
     except StoreError as e:

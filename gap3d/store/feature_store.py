@@ -1,59 +1,42 @@
 """The Zarr v3 feature store: the contract between the cache pipeline and the trainer.
 
-Layout on disk (one directory)::
+A store is addressed by a URL (local path, ``file://``, ``s3://``, ``gs://``, ``memory://``;
+see ``location.py``) and is one Zarr v3 group::
 
     features.zarr/
-      zarr.json                 root group; attributes["gap3d"] = manifest (store_manifest.py)
-      image_tokens/ ...         (N, T, C) float16 | int8, one Zarr shard per pipeline shard
-      image_scale/ ...          (N, T) float32, int8 stores only (store_codec.py)
-      prompt_latents/ ...       (N, L, D) float16
-      prompt_mask/, thumbnail/, valid/, caption/, key/, url/, split/, meta/, reason/
-      stats/                    per-role channel mean/std written by finalize() (store_stats.py)
-      _commits/shard-000012.json  commit markers, written last
+      zarr.json                  root group; attributes["gap3d"] = manifest (manifest.py)
+      image_tokens/              (N, T, C) float16 | int8, files of rows_per_file rows
+      image_scale/               (N, T) float32, int8 stores only (codec.py)
+      prompt_latents/            (N, L, D) float16;  prompt_mask/ (N, L) bool
+      thumbnail/                 (N, 64, 64, 3) uint8
+      valid/ split/              (N,) bool / int8 code; one chunk per pipeline shard
+      caption/ key/ url/ meta/ reason/   (N,) text; one chunk per pipeline shard
+      moments/mean, moments/m2   (n_shards, 3 roles, C) float64: partial moments (stats.py)
+      commits/shard-000012/      commit record of shard 12 (commits.py), written last
 
-Rows ``[s*S, (s+1)*S)`` belong to pipeline shard ``s``; big arrays use Zarr v3 sharding with
-one sample per inner chunk and exactly one Zarr shard per pipeline shard, small per-sample
-columns use one chunk per pipeline shard. So each writer (one Dask task per shard) owns its
-files outright and readers can fetch single samples. A shard counts only once its marker
-exists; ``write_shard`` removes the marker, rewrites the region, then writes the marker.
-
-The arrays the trainer reads are uncompressed by default (``StoreSpec.compression``, recorded
-in the manifest and in each array's Zarr metadata) and :meth:`FeatureStore.read` gathers
-their rows straight from the shard files (``store_fastread.py``); everything else, and any
-array that reader does not understand, is read through zarr-python. The store stays a plain
-Zarr v3 group either way. ``GAP3D_STORE_FASTREAD=0`` reads everything through zarr.
+Rows ``[s*S, (s+1)*S)`` belong to pipeline shard ``s``. Every file belongs to exactly one
+pipeline shard, so one writer (one Dask task per shard) owns its files outright; a shard
+counts only once its commit record exists, and the record is written last (``writer.py``).
+Reads of the big arrays go through tensorstore or zarr-python (``reader.py``); everything else
+goes through zarr's storage layer. Other Zarr v3 readers open the store as a plain hierarchy.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import warnings
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-
-# zarr's own runner for its background event loop (what every sync zarr call uses).
-from zarr.core.sync import sync as zarr_sync
 
 from gap3d.layout import TokenLayout
-from gap3d.store import fastread as store_fastread
-from gap3d.store import stats as store_stats
+from gap3d.store import commits
 from gap3d.store.codec import FLOAT16_SCHEME, decode_tokens
-from gap3d.store.files import (
-    COMMIT_DIR,
-    broken,
-    create_store,
-    list_markers,
-    load_manifest,
-    marker_path,
-    write_marker,
-)
+from gap3d.store.index import StoreIndex
+from gap3d.store.lifecycle import broken, create_store, load_manifest, unfinished
+from gap3d.store.location import StoreLocation
 from gap3d.store.manifest import (
     MANIFEST_KEY,
     SPLITS,
@@ -63,11 +46,14 @@ from gap3d.store.manifest import (
     incompatibilities,
     spec_from_manifest,
 )
-from gap3d.store.shard import ShardData, check_shard, shard_region
+from gap3d.store.reader import RowReader, resolve_backend
+from gap3d.store.shard import ShardData
+from gap3d.store.stats import Moments, merge_shards
+from gap3d.store.writer import ShardWriter
 
-__all__ = ["FeatureStore", "ShardData", "StoreError", "StoreSpec", "StaleStatsWarning"]
+__all__ = ["FeatureStore", "ShardData", "StoreError", "StoreSpec"]
 
-_TEXT_ARRAYS = ("caption", "key", "url", "split", "meta", "reason")
+_TEXT_ARRAYS = ("caption", "key", "url", "meta", "reason")
 READ_FIELDS = (
     "image_tokens",
     "prompt_latents",
@@ -83,58 +69,68 @@ READ_FIELDS = (
 )
 
 
-class StaleStatsWarning(UserWarning):
-    """The store's statistics do not cover every committed shard (run ``finalize()``)."""
-
-
 class FeatureStore:
-    """Reader and writer of one feature store; safe to pickle into DataLoader workers."""
+    """Reader and writer of one feature store; safe to pickle into DataLoader workers.
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    ``reader``: ``auto`` (tensorstore; zarr for ``memory://``), ``tensorstore`` or ``zarr``
+    (for a process that will fork DataLoader workers: see ``reader.py``).
+    """
+
+    def __init__(self, url: str | os.PathLike[str], mode: str = "r", reader: str = "auto") -> None:
         if mode not in ("r", "r+"):
             raise StoreError(f"FeatureStore mode must be 'r' or 'r+', got {mode!r}")
-        self.path = Path(path)
+        self.location = StoreLocation.parse(url)
         self.mode = mode
+        self.reader_backend = resolve_backend(self.location, reader)
+        self._reset_handles()
+        self.manifest: dict[str, Any] = load_manifest(self.location, self.zarr_store)
+        self._validate_arrays()
+
+    def _reset_handles(self) -> None:
         self._pid: int | None = None
+        self._zstore: Any = None
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
-        self._plans: dict[str, store_fastread.ArrayPlan | None] = {}
-        self.manifest: dict[str, Any] = load_manifest(self.path)
-        self._validate_arrays()
+        self._reader: RowReader | None = None
+        self._records: dict[int, dict[str, Any]] | None = None
+        self._index: StoreIndex | None = None
 
     # ---------------------------------------------------------------- opening and creating
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(
+        cls, url: str | os.PathLike[str], mode: str = "r", reader: str = "auto"
+    ) -> FeatureStore:
         """Open an existing store; refuses non-stores, half-created stores, other schemas."""
-        return cls(path, mode)
+        return cls(url, mode, reader)
 
     @classmethod
-    def create(cls, path: str | Path, spec: StoreSpec) -> FeatureStore:
-        """Create an empty store (atomically: see ``store_files.create_store``)."""
-        path = Path(path)
-        create_store(path, spec)
-        return cls(path, "r+")
+    def create(cls, url: str | os.PathLike[str], spec: StoreSpec) -> FeatureStore:
+        """Create an empty store (manifest written last: see ``lifecycle.create_store``)."""
+        location = StoreLocation.parse(url)
+        create_store(location, spec)
+        return cls(location.url, "r+")
 
     @classmethod
-    def open_or_create(cls, path: str | Path, spec: StoreSpec) -> FeatureStore:
-        """Open ``path`` for writing if it holds a compatible store, else create it.
+    def open_or_create(cls, url: str | os.PathLike[str], spec: StoreSpec) -> FeatureStore:
+        """Open ``url`` for writing if it holds a compatible store, else create it.
 
         Refuses (``StoreError``) a store whose encoders, layout, prompt shape, encoding,
-        template or shard size differ; grows the store when ``spec`` has more shards.
+        template or shard size differ; grows the store when ``spec`` has more shards. A store
+        whose creation was interrupted (no manifest, so nothing committed) is created anew.
         """
-        path = Path(path)
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-            try:
-                return cls.create(path, spec)
-            except FileExistsError:
-                pass  # lost a creation race; fall through and check the winner's store
-        store = cls.open(path, "r+")
+        location = StoreLocation.parse(url)
+        if not location.exists():
+            return cls.create(location.url, spec)
+        if unfinished(location, location.open_zarr_store()):
+            create_store(location, spec, overwrite=True)
+            return cls(location.url, "r+")
+        store = cls.open(location.url, "r+")
         problems = incompatibilities(spec_from_manifest(store.manifest), spec)
         if problems:
             lines = "; ".join(f"{f}: store has {a!r}, asked for {b!r}" for f, a, b in problems)
             raise StoreError(
-                f"{path} holds features that cannot be mixed with the requested ones ({lines}). "
-                "Use a new store path (store.path=...) or delete the old store."
+                f"{location} holds features that cannot be mixed with the requested ones "
+                f"({lines}). Use a new store path (store.path=...) or delete the old store."
             )
         if spec.n_shards > store.n_shards:
             store.grow(spec.n_shards)
@@ -145,39 +141,69 @@ class FeatureStore:
             try:
                 arr = self.raw(name)
             except Exception as e:
-                raise broken(self.path, f"array '{name}' is missing or unreadable ({e})") from e
+                raise broken(self.location, f"array '{name}' is missing or unreadable ({e})") from e
             # More rows than the manifest says is what an interrupted grow() leaves behind:
             # harmless (rows past n_rows are never read) and repaired by growing again.
             if list(arr.shape[1:]) != list(a["shape"][1:]) or arr.shape[0] < a["shape"][0]:
                 raise broken(
-                    self.path, f"array '{name}' has shape {arr.shape}, manifest says {a['shape']}"
+                    self.location,
+                    f"array '{name}' has shape {arr.shape}, manifest says {a['shape']}",
                 )
-        if not (self.path / COMMIT_DIR).is_dir():
-            raise broken(self.path, f"the commit folder {COMMIT_DIR}/ is missing")
 
     # ---------------------------------------------------------------- per-process handles
+    def _own(self) -> None:
+        # zarr v3 and fsspec drive I/O from event loops; tensorstore from threads. Handles are
+        # reopened in each new process (fork or spawn) instead of being shared with the parent.
+        if self._pid != os.getpid():
+            records, index = self._records, self._index  # plain data: fine to keep
+            self._reset_handles()
+            self._records, self._index = records, index
+            self._pid = os.getpid()
+
+    @property
+    def zarr_store(self) -> Any:
+        """zarr's store object for this location, opened in this process."""
+        self._own()
+        if self._zstore is None:
+            self._zstore = self.location.open_zarr_store(read_only=self.mode == "r")
+        return self._zstore
+
+    @property
+    def group(self) -> Any:
+        import zarr
+
+        store = self.zarr_store
+        if self._group is None:
+            self._group = zarr.open_group(store=store, mode=self.mode, zarr_format=3)
+        return self._group
+
     def raw(self, name: str) -> Any:
         """The underlying Zarr array ``name`` (stored encoding), opened in this process."""
-        # zarr v3 drives I/O from a background event loop; handles are reopened in each new
-        # process (fork or spawn) instead of being shared with the parent.
-        if self._pid != os.getpid():
-            self._group = zarr.open_group(str(self.path), mode=self.mode, zarr_format=3)
-            self._arrays = {}
-            self._pid = os.getpid()
+        group = self.group
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = group[name]
         return self._arrays[name]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path), "mode": self.mode, "manifest": self.manifest}
+        return {
+            "url": self.location.url,
+            "mode": self.mode,
+            "reader": self.reader_backend,
+            "manifest": self.manifest,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = Path(state["path"])
+        self.location = StoreLocation.parse(state["url"])
         self.mode = state["mode"]
+        self.reader_backend = state["reader"]
         self.manifest = state["manifest"]
-        self._pid, self._group, self._arrays, self._plans = None, None, {}, {}
+        self._reset_handles()
 
     # ---------------------------------------------------------------- properties
+    @property
+    def url(self) -> str:
+        return self.location.url
+
     @property
     def layout(self) -> TokenLayout:
         return TokenLayout.from_dict(self.manifest["layout"])
@@ -199,6 +225,10 @@ class FeatureStore:
         return int(self.manifest["samples_per_shard"])
 
     @property
+    def rows_per_file(self) -> int:
+        return int(self.manifest["rows_per_file"])
+
+    @property
     def encoding(self) -> str:
         return str(self.manifest["encoding"])
 
@@ -208,143 +238,171 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return (
-            f"FeatureStore({str(self.path)!r}, rows={len(self)}, shards={self.n_shards}, "
+            f"FeatureStore({self.url!r}, rows={len(self)}, shards={self.n_shards}, "
             f"encoding={self.encoding}, committed={len(self.committed_shards())})"
         )
 
     # ---------------------------------------------------------------- commits
-    def _marker_path(self, shard_id: int) -> Path:
-        return marker_path(self.path, shard_id)
-
     def _check_shard(self, shard_id: int) -> int:
         if not isinstance(shard_id, (int, np.integer)) or not 0 <= shard_id < self.n_shards:
-            raise StoreError(
-                f"shard id {shard_id!r} is outside [0, {self.n_shards}) of {self.path}"
-            )
+            raise StoreError(f"shard id {shard_id!r} is outside [0, {self.n_shards}) of {self.url}")
         return int(shard_id)
 
+    def commit_records(self, refresh: bool = False) -> dict[int, dict[str, Any]]:
+        """``{shard_id: record}`` of every committed shard, read once per handle (concurrently);
+        ``refresh=True`` reads them again (e.g. while another process is writing)."""
+        self._own()
+        if self._records is None or refresh:
+            self._records = commits.read_records(self.zarr_store, self.n_shards)
+            self._index = None
+        return self._records
+
+    def _forget_records(self) -> None:
+        self._records, self._index = None, None
+
     def is_committed(self, shard_id: int) -> bool:
-        return self._marker_path(self._check_shard(shard_id)).is_file()
+        """Whether shard ``shard_id`` has a commit record now (always asks the storage)."""
+        return commits.read_record(self.zarr_store, self._check_shard(shard_id)) is not None
 
     def committed_shards(self) -> list[int]:
-        return list_markers(self.path, self.n_shards)
+        return sorted(self.commit_records())
 
     def missing_shards(self) -> list[int]:
-        done = set(self.committed_shards())
+        done = self.commit_records()
         return [s for s in range(self.n_shards) if s not in done]
 
     def commit_info(self, shard_id: int) -> dict[str, Any]:
-        """The commit marker of a shard (n_samples, n_valid, reasons, splits, written)."""
-        p = self._marker_path(self._check_shard(shard_id))
-        try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
-            raise StoreError(f"shard {shard_id} of {self.path} is not committed") from None
+        """The commit record of a shard (n_samples, n_valid, reasons, splits, source, ...)."""
+        rec = self.commit_records().get(self._check_shard(shard_id))
+        if rec is None:
+            rec = commits.read_record(self.zarr_store, shard_id)
+        if rec is None:
+            raise StoreError(f"shard {shard_id} of {self.url} is not committed")
+        return rec
 
     def invalid_counts(self) -> dict[str, int]:
         """``{reason: count}`` over all committed shards."""
         total: Counter[str] = Counter()
-        for s in self.committed_shards():
-            total.update(self.commit_info(s)["reasons"])
+        for rec in self.commit_records().values():
+            total.update(rec["reasons"])
         return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
 
     # ---------------------------------------------------------------- writing
-    def write_shard(self, shard_id: int, data: ShardData) -> dict[str, Any]:
-        """Write shard ``shard_id``'s region, then its commit marker; returns the marker.
+    def shard_writer(self, shard_id: int, source: dict[str, Any] | None = None) -> ShardWriter:
+        """A streaming writer for shard ``shard_id`` (``writer.py``); the shard is uncommitted
+        as soon as the first rows arrive and committed by ``commit()``."""
+        return ShardWriter(self, shard_id, source)
 
-        Idempotent: re-writing a shard replaces its region and marker. Samples with
-        non-finite features are stored as invalid (see ``store_shard.shard_region``).
+    def write_shard(
+        self, shard_id: int, data: ShardData, source: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write shard ``shard_id``'s rows in one go, then its commit record; returns it.
+
+        Idempotent: re-writing a shard replaces its region and record. Samples with
+        non-finite features are stored as invalid (see ``shard.encode_rows``).
         """
+        writer = self.shard_writer(shard_id, source)
+        writer.begin()
+        writer.add(data)
+        return writer.commit()
+
+    def uncommit(self, shard_id: int) -> None:
+        """Delete a shard's commit record (its rows stop counting; the data stays)."""
+        self._require_write("uncommit shards")
+        commits.delete_record(self.zarr_store, self._check_shard(shard_id))
+        self._forget_records()
+
+    def _require_write(self, what: str) -> None:
         if self.mode != "r+":
-            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to write")
-        shard_id = self._check_shard(shard_id)
-        S = self.samples_per_shard
-        check_shard(
-            data,
-            self.layout,
-            self.prompt_max_length,
-            self.prompt_dim,
-            S,
-            where=f"shard {shard_id} of {self.path}",
-        )
-        region, counts = shard_region(data, self.encoding, S)
-        marker = self._marker_path(shard_id)
-        marker.unlink(missing_ok=True)  # uncommitted while the region is being replaced
-        lo = shard_id * S
-        for name, values in region.items():
-            self.raw(name)[lo : lo + S] = values
-        info = write_marker(self.path, shard_id, counts)
-        return info
+            raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to {what}")
 
     def grow(self, n_shards: int) -> None:
-        """Make room for more shards (existing rows and markers are untouched).
+        """Make room for more shards (existing rows and records are untouched).
 
         Arrays are resized first and the manifest last, so an interrupted grow leaves a
         readable store of the old size; growing again finishes the job.
         """
-        if self.mode != "r+":
-            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to grow it")
+        self._require_write("grow it")
         if n_shards <= self.n_shards:
             return
         rows = n_shards * self.samples_per_shard
         arrays = dict(self.manifest["arrays"])
         for name, a in arrays.items():
             arr = self.raw(name)
-            arr.resize((rows, *arr.shape[1:]))
-            arrays[name] = {**a, "shape": [rows, *a["shape"][1:]]}
+            n = n_shards if name.startswith("moments/") else rows
+            arr.resize((n, *arr.shape[1:]))
+            arrays[name] = {**a, "shape": [n, *a["shape"][1:]]}
         m = {**self.manifest, "n_shards": n_shards, "n_rows": rows, "arrays": arrays}
-        self._group.update_attributes({MANIFEST_KEY: m})
+        self.group.update_attributes({MANIFEST_KEY: m})
         self.manifest = m
-        self._plans = {}  # shapes changed
+        if self._reader is not None:
+            self._reader.reset()  # shapes changed
 
     def annotate(self, key: str, value: Any) -> None:
         """Record ``value`` (JSON-able) under ``manifest[key]``, e.g. a run summary.
 
         Keys that describe how to read the store cannot be changed this way.
         """
-        if self.mode != "r+":
-            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to annotate")
+        self._require_write("annotate")
         if key in build_manifest_keys():
             raise StoreError(f"manifest key {key!r} describes the store and cannot be overwritten")
         json.dumps(value)  # fail here, not inside zarr, for values JSON cannot hold
-        self.raw("valid")  # opens the group in this process
-        m = {**load_manifest(self.path), key: value}
-        self._group.update_attributes({MANIFEST_KEY: m})
+        m = {**load_manifest(self.location, self.zarr_store), key: value}
+        self.group.update_attributes({MANIFEST_KEY: m})
         self.manifest = m
 
-    # ---------------------------------------------------------------- reading
+    # ---------------------------------------------------------------- index
+    def index(self) -> StoreIndex:
+        """The sample index (rows, validity, split, key hash) of committed shards."""
+        self._own()
+        if self._index is None:
+            self._index = StoreIndex.from_records(self.commit_records(), self.samples_per_shard)
+        return self._index
+
     def indices(
         self, valid_only: bool = True, committed_only: bool = True, split: str | None = None
     ) -> np.ndarray:
-        """Row indices (int64, sorted) of samples: rows ``< n_samples`` of committed shards."""
+        """Row indices (int64, sorted) of samples: rows ``< n_samples`` of committed shards.
+
+        ``committed_only=False`` also lists the rows of uncommitted shards (read from the
+        per-row arrays; for debugging a half-written store).
+        """
+        if committed_only:
+            return self.index().select(valid_only, split)
         if split is not None and split not in SPLITS:
             raise StoreError(f"split must be one of {SPLITS} or None, got {split!r}")
-        S = self.samples_per_shard
-        if committed_only:
-            parts = [
-                np.arange(s * S, s * S + self.commit_info(s)["n_samples"])
-                for s in self.committed_shards()
-            ]
-            rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        else:
-            rows = np.arange(len(self))
-        rows = rows.astype(np.int64)
-        if valid_only and len(rows):
-            rows = rows[np.asarray(self.raw("valid")[:], dtype=bool)[rows]]
-        if split is not None and len(rows):
-            rows = rows[np.asarray(self.raw("split")[:])[rows] == split]
+        rows = np.arange(len(self), dtype=np.int64)
+        if valid_only:
+            rows = rows[np.asarray(self.raw("valid")[:], dtype=bool)]
+        if split is not None:
+            rows = rows[np.asarray(self.raw("split")[:])[rows] == SPLITS.index(split)]
         return rows
 
+    # ---------------------------------------------------------------- reading
+    @property
+    def reader(self) -> RowReader:
+        self._own()
+        if self._reader is None:
+            self._reader = RowReader(self.location, self.reader_backend)
+        return self._reader
+
     def read(
-        self, idx: int | Sequence[int] | np.ndarray, fields: Sequence[str] | None = None
+        self,
+        idx: int | Sequence[int] | np.ndarray,
+        fields: Sequence[str] | None = None,
+        floats: str = "float32",
     ) -> dict[str, Any]:
         """Read and decode rows.
 
         ``idx`` an int gives one sample without a batch axis (numpy semantics); a list or
-        array gives a batch in the order asked. Tensors come back as float32 (tokens decoded
-        with the manifest's rule), ``prompt_mask`` bool, ``meta`` as dicts, plus ``index``.
-        ``fields`` limits what is read (default: everything in ``READ_FIELDS``).
+        array gives a batch in the order asked. Tensors come back as ``floats`` (float32, or
+        float16 to halve what moves between processes; tokens decoded with the manifest's
+        rule), ``prompt_mask`` bool, ``split`` as names, ``meta`` as dicts, plus ``index``.
+        ``fields`` limits what is read (default: everything in READ_FIELDS).
         """
+        if floats not in ("float32", "float16"):
+            raise StoreError(f"floats must be 'float32' or 'float16', got {floats!r}")
+        fdt = np.dtype(floats)
         arr_idx = np.asarray(idx)
         scalar = arr_idx.ndim == 0
         flat = arr_idx.reshape(-1)
@@ -362,12 +420,15 @@ class FeatureStore:
             names.append("image_scale")
         # Read each row once, sorted, then restore the order asked for.
         uniq, inverse = np.unique(flat, return_inverse=True)
-        # Where the manifest's decode rule is a plain float16 -> float32 cast, the direct
-        # reader casts row by row as it reads (one pass over the batch instead of two).
-        cast = {"prompt_latents": np.float32}
-        if self.manifest["image_tokens_encoding"].get("scheme") == FLOAT16_SCHEME:
-            cast["image_tokens"] = np.float32
-        raw = self._fetch(names, uniq, cast)
+        # Where the manifest's decode rule is a plain float16 -> float32 cast, the reader may
+        # cast while reading (one pass over the batch instead of two).
+        f16_tokens = self.manifest["image_tokens_encoding"].get("scheme") == FLOAT16_SCHEME
+        cast: dict[str, Any] = {}
+        if fdt != np.float16:
+            cast["prompt_latents"] = fdt
+            if f16_tokens:
+                cast["image_tokens"] = fdt
+        raw = self.reader.read({n: self.raw(n) for n in names}, names, uniq, cast)
         in_order = len(uniq) == len(flat) and bool(np.all(uniq == flat))
 
         def fetch(name: str) -> np.ndarray:
@@ -378,11 +439,17 @@ class FeatureStore:
         for name in fields:
             if name == "image_tokens":
                 stored = {k: fetch(k) for k in ("image_tokens", "image_scale") if k in raw}
-                out[name] = decode_tokens(stored, self.manifest["image_tokens_encoding"])
+                if f16_tokens and fdt == np.float16:
+                    out[name] = stored["image_tokens"]
+                else:
+                    tok = decode_tokens(stored, self.manifest["image_tokens_encoding"])
+                    out[name] = tok.astype(fdt, copy=False)
             elif name == "prompt_latents":
-                out[name] = fetch(name).astype(np.float32, copy=False)
+                out[name] = fetch(name).astype(fdt, copy=False)
             elif name in ("prompt_mask", "valid"):
                 out[name] = fetch(name).astype(bool, copy=False)
+            elif name == "split":
+                out[name] = [SPLITS[int(c)] for c in fetch(name).tolist()]
             elif name == "meta":
                 out[name] = [json.loads(t) if t else {} for t in map(str, fetch(name).tolist())]
             elif name in _TEXT_ARRAYS:
@@ -394,90 +461,30 @@ class FeatureStore:
             out = {k: v[0] for k, v in out.items()}
         return out
 
-    def _plan(self, name: str) -> store_fastread.ArrayPlan | None:
-        """The direct-read plan of array ``name`` (None: read it through zarr)."""
-        if name not in self._plans:
-            off = os.environ.get("GAP3D_STORE_FASTREAD", "1") == "0"  # for A/B benchmarks
-            self._plans[name] = None if off else store_fastread.plan_array(self.path / name)
-        return self._plans[name]
-
-    def _fetch(
-        self, names: list[str], rows: np.ndarray, cast: dict[str, Any] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Rows (sorted, unique) of several arrays; ``cast``: {name: dtype} the direct reader
-        may cast rows to while reading (zarr-read arrays come back as stored).
-
-        Row-sharded arrays the direct reader understands (``store_fastread``: uncompressed or
-        zstd inner chunks) are gathered from their shard files without zarr-python; the rest
-        go to zarr as one batch of concurrent reads (each run of consecutive rows is one
-        slice request, all requests of all arrays go to zarr's event loop together; on demo
-        features this took ~40 ms per random batch of 32 rows where ``Array.oindex`` took
-        ~130 ms). A damaged shard file is left to zarr, which reports it its own way.
-        """
-        out: dict[str, np.ndarray] = {}
-        for n in names:
-            plan = self._plan(n)
-            if plan is not None and rows.size:
-                try:
-                    out[n] = store_fastread.read_rows(plan, rows, dtype=(cast or {}).get(n))
-                except OSError:
-                    pass
-        rest = [n for n in names if n not in out]
-        if rows.size == 0:
-            for n in rest:
-                out[n] = np.zeros((0, *self.raw(n).shape[1:]), dtype=self.raw(n).dtype)
-            return out
-        if rest:
-            out.update(self._fetch_zarr(rest, rows))
-        return out
-
-    def _fetch_zarr(self, names: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)]
-        arrays = [self.raw(n).async_array for n in names]
-
-        async def one(a: Any) -> np.ndarray:
-            parts = await asyncio.gather(*(a.getitem(slice(lo, hi)) for lo, hi in runs))
-            return np.concatenate([np.asarray(p) for p in parts])
-
-        async def everything() -> list[np.ndarray]:
-            return await asyncio.gather(*(one(a) for a in arrays))
-
-        return dict(zip(names, zarr_sync(everything()), strict=True))
-
     # ---------------------------------------------------------------- statistics
-    def finalize(self, progress: bool = True) -> dict[str, np.ndarray]:
-        """Compute per-role channel mean/std over valid committed samples and store them."""
-        if self.mode != "r+":
-            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to finalize")
-        stats, info = store_stats.compute(self, progress=progress)
-        store_stats.save(self.path, stats, info)
-        return stats
+    def moments(self, shards: Sequence[int] | None = None) -> dict[str, Moments]:
+        """Per-role moments of the valid ``train`` rows of ``shards`` (default: all committed),
+        merged from the partial moments each encode task stored; no token is read."""
+        records = self.commit_records()
+        ids = sorted(records if shards is None else shards)
+        missing = [s for s in ids if s not in records]
+        if missing:
+            raise StoreError(f"shards {missing[:10]} of {self.url} are not committed")
+        C = self.layout.channels
+        if not ids:
+            return merge_shards(np.zeros((0, 3, C)), np.zeros((0, 3, C)), [])
+        sel = np.asarray(ids)
+        means = np.asarray(self.raw("moments/mean").oindex[sel])
+        m2s = np.asarray(self.raw("moments/m2").oindex[sel])
+        return merge_shards(means, m2s, [records[s]["moments"]["count"] for s in ids])
 
-    def stats_info(self) -> dict[str, Any] | None:
-        """What the stored statistics cover (shards, samples, time) and whether they are stale."""
-        info = store_stats.load_info(self.path)
-        if info is None:
-            return None
-        committed = self.committed_shards()
-        newest = max((self.commit_info(s)["written"] for s in committed), default=0.0)
-        info["stale"] = sorted(info["shards"]) != committed or newest > info["computed"]
-        return info
+    def token_moments(self, rows: np.ndarray) -> dict[str, Moments]:
+        """Per-role moments of the stored (decoded) tokens of ``rows`` (e.g. a trainer's
+        validation rows, to take them out of :meth:`moments`)."""
+        from gap3d.store.stats import RoleMoments
 
-    @property
-    def stats(self) -> dict[str, np.ndarray]:
-        """``{cls,register,patch}_{mean,std}`` (C,) float64; roles without tokens are omitted."""
-        info = self.stats_info()
-        if info is None:
-            raise StoreError(
-                f"{self.path} has no statistics yet; run store.finalize() "
-                "(`gap3d cache` does it at the end)"
-            )
-        if info["stale"]:
-            warnings.warn(
-                f"{self.path}: statistics cover shards {info['shards']} but the committed "
-                "shards changed since; run finalize() again",
-                StaleStatsWarning,
-                stacklevel=2,
-            )
-        return store_stats.load(self.path)
+        acc = RoleMoments(self.layout)
+        rows = np.sort(np.asarray(rows, np.int64))
+        for lo in range(0, len(rows), 64):
+            acc.update(self.read(rows[lo : lo + 64], fields=["image_tokens"])["image_tokens"])
+        return acc.parts

@@ -17,11 +17,21 @@ from gap3d import __version__
 from gap3d.layout import TokenLayout
 from gap3d.store.codec import ENCODINGS, encoding_manifest
 
-SCHEMA_VERSION = 1
+# 2: store addressed by URL; commit records are zarr groups under commits/; split is an int8
+# code; big arrays are written in files of ``rows_per_file`` rows; per-shard partial moments.
+SCHEMA_VERSION = 2
 FORMAT_NAME = "gap3d-feature-store"
 MANIFEST_KEY = "gap3d"
 THUMBNAIL_SIZE = 64
+# Split codes stored per row (int8) and in commit records; the position is the code.
 SPLITS = ("train", "heldout")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+# Token roles in the order of the partial-moment arrays (moments/mean, moments/m2).
+ROLES = ("cls", "register", "patch")
+# Default size of one file/object of the big arrays (image tokens, prompt latents, ...): large
+# enough that object stores see few, big objects, small enough that an encode task holds one
+# in memory (paper layout, float16: 64 rows x 2.8 MB = 180 MB).
+TARGET_FILE_BYTES = 256 * 2**20
 # Lossless compression of the arrays the trainer reads (store_files.FEATURE_ARRAYS).
 COMPRESSIONS = ("none", "zstd")
 # Encoder ``info()`` keys that change what the features *are*; runtime keys such as device,
@@ -61,6 +71,9 @@ class StoreSpec:
     # "zstd" keeps stores made by callers that predate the choice as they were;
     # the cache stage passes ``store.compression`` of the config (default "none").
     compression: str = "zstd"
+    # rows per file of the row-sharded arrays; must divide samples_per_shard; None = about
+    # TARGET_FILE_BYTES of image tokens per file (see :func:`default_rows_per_file`)
+    rows_per_file: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layout, dict):
@@ -77,6 +90,14 @@ class StoreSpec:
             raise StoreError(
                 f"StoreSpec.compression must be one of {COMPRESSIONS}, got {self.compression!r}"
             )
+        if self.rows_per_file is None:
+            self.rows_per_file = default_rows_per_file(self)
+        r = self.rows_per_file
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or self.samples_per_shard % r:
+            raise StoreError(
+                f"StoreSpec.rows_per_file must be a positive divisor of samples_per_shard="
+                f"{self.samples_per_shard}, got {r!r}"
+            )
         for name in ("prompt_encoder", "image_encoder", "extra"):
             try:
                 json.dumps(getattr(self, name))
@@ -86,6 +107,14 @@ class StoreSpec:
     @property
     def n_rows(self) -> int:
         return self.n_shards * self.samples_per_shard
+
+
+def default_rows_per_file(spec: StoreSpec) -> int:
+    """The largest divisor of ``samples_per_shard`` whose image tokens fit TARGET_FILE_BYTES."""
+    row = spec.layout.n_tokens * spec.layout.channels * (1 if spec.encoding == "int8" else 2)
+    cap = max(1, TARGET_FILE_BYTES // max(row, 1))
+    S = spec.samples_per_shard
+    return max(d for d in range(1, min(S, cap) + 1) if S % d == 0)
 
 
 def array_shapes(spec: StoreSpec) -> dict[str, tuple[int, ...]]:
@@ -99,12 +128,15 @@ def array_shapes(spec: StoreSpec) -> dict[str, tuple[int, ...]]:
         "prompt_mask": (n, spec.prompt_max_length),
         "thumbnail": (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3),
         "valid": (n,),
+        "split": (n,),
         "caption": (n,),
         "key": (n,),
         "url": (n,),
-        "split": (n,),
         "meta": (n,),
         "reason": (n,),
+        # per pipeline shard: partial moments of its valid train rows (stats.py)
+        "moments/mean": (spec.n_shards, len(ROLES), lay.channels),
+        "moments/m2": (spec.n_shards, len(ROLES), lay.channels),
     }
     return shapes
 
@@ -138,10 +170,25 @@ def build_manifest(spec: StoreSpec, arrays: dict[str, dict[str, Any]]) -> dict[s
         },
         "n_shards": spec.n_shards,
         "samples_per_shard": spec.samples_per_shard,
+        "rows_per_file": spec.rows_per_file,
         "n_rows": spec.n_rows,
         "rows": "shard s owns rows [s*samples_per_shard, (s+1)*samples_per_shard); only the "
-        "first n_samples rows of a committed shard (see its commit marker) are samples",
-        "commit_dir": "_commits",
+        "first n_samples rows of a committed shard (see its commit record) are samples",
+        "split_codes": dict(SPLIT_CODES),
+        "commits": {
+            "where": "group commits/, one subgroup per committed shard: commits/shard-NNNNNN",
+            "record": "the subgroup's attributes: n_samples, n_valid, reasons, splits, "
+            "rows (base64: valid and heldout bitmaps of the first n_samples rows, "
+            "numpy.packbits order; key_hash32 little-endian uint32), moments (token counts per "
+            "role), source (url + fingerprint of the input shard)",
+            "rule": "a shard counts only when its record exists; the record is written last",
+        },
+        "moments": {
+            "arrays": ["moments/mean", "moments/m2"],
+            "roles": list(ROLES),
+            "rows": "valid rows of split 'train', float32 tokens before storage encoding",
+            "merge": "Chan, Golub & LeVeque (1979) pairwise combination; counts in the records",
+        },
         "arrays": arrays,
         "config_hash": spec.config_hash,
         "extra": spec.extra,
@@ -169,6 +216,7 @@ def spec_from_manifest(m: dict[str, Any]) -> StoreSpec:
         config_hash=str(m.get("config_hash", "")),
         extra=dict(m.get("extra") or {}),
         compression=str(m.get("compression", "zstd")),  # stores before the field: zstd
+        rows_per_file=int(m["rows_per_file"]),
     )
 
 
@@ -180,8 +228,8 @@ def incompatibilities(existing: StoreSpec, wanted: StoreSpec) -> list[tuple[str,
     """``(field, value in store, value asked for)`` for every field that must match.
 
     ``n_shards`` is not listed when the wanted store is larger: the caller may grow the store.
-    ``compression`` is not listed either: it changes no value, and an existing store keeps
-    the codecs it was created with (its manifest says which).
+    ``compression`` and ``rows_per_file`` are not listed either: they change no value, and an
+    existing store keeps the codecs and file layout it was created with (its manifest says).
     """
     out: list[tuple[str, Any, Any]] = []
     for role in ("prompt_encoder", "image_encoder"):

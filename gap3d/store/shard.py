@@ -1,13 +1,13 @@
-"""One pipeline shard as the writer hands it over, and how it becomes a store region.
+"""Rows as a writer hands them over, and how they become stored arrays.
 
-Pure functions (no I/O): :func:`shard_region` checks a :class:`ShardData` against the store's
-shapes and returns the padded arrays to write plus the counts that go into the commit marker.
+Pure functions (no I/O): :func:`check_rows` checks a :class:`ShardData` against the store's
+shapes; :func:`encode_rows` returns what to store for those rows (row arrays in their storage
+encoding, column values, validity) and marks samples with non-finite features invalid.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,14 +15,14 @@ import numpy as np
 
 from gap3d.layout import TokenLayout
 from gap3d.store.codec import encode_tokens, finite_mask
-from gap3d.store.manifest import SPLITS, THUMBNAIL_SIZE, StoreError
+from gap3d.store.manifest import SPLIT_CODES, SPLITS, THUMBNAIL_SIZE, StoreError
 
 NON_FINITE = "non_finite_features"
 
 
 @dataclass
 class ShardData:
-    """``n <= samples_per_shard`` samples of one pipeline shard.
+    """``n`` consecutive samples of one pipeline shard (a whole shard, or a batch of it).
 
     Invalid samples keep their row: ``reason`` non-empty (tensors are stored as zeros).
     """
@@ -42,18 +42,11 @@ class ShardData:
         return len(self.caption)
 
 
-def check_shard(
-    d: ShardData,
-    layout: TokenLayout,
-    prompt_max_length: int,
-    prompt_dim: int,
-    samples_per_shard: int,
-    where: str,
+def check_rows(
+    d: ShardData, layout: TokenLayout, prompt_max_length: int, prompt_dim: int, where: str
 ) -> int:
     """Raise :class:`StoreError` naming the field when ``d`` does not fit; returns ``n``."""
     n = len(d)
-    if n > samples_per_shard:
-        raise StoreError(f"{where}: {n} samples exceed samples_per_shard={samples_per_shard}")
     want = {
         "image_tokens": (n, layout.n_tokens, layout.channels),
         "prompt_latents": (n, prompt_max_length, prompt_dim),
@@ -77,52 +70,51 @@ def check_shard(
     return n
 
 
-def shard_region(
-    d: ShardData, encoding: str, samples_per_shard: int
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(arrays to write, padded to samples_per_shard rows; marker counts)``.
+@dataclass
+class EncodedRows:
+    """What the store keeps of ``n`` rows."""
+
+    arrays: dict[str, np.ndarray]  # row arrays in storage dtype, n rows each
+    columns: dict[str, list[Any] | np.ndarray]  # column values, n each
+    valid: np.ndarray  # (n,) bool, after the finite check
+    split_code: np.ndarray  # (n,) int8
+    reasons: list[str]
+    tokens: np.ndarray  # (n, T, C) float32 as encoded (invalid rows zero): partial moments
+    train_rows: np.ndarray  # indices of the valid rows of split "train"
+
+
+def encode_rows(d: ShardData, encoding: str) -> EncodedRows:
+    """Storage form of ``d``'s rows.
 
     Samples whose features are not finite (or overflow the float16 storage) become invalid
-    with reason ``non_finite_features`` instead of poisoning training.
+    with reason ``non_finite_features`` instead of poisoning training; invalid rows are stored
+    as zeros whatever the writer passed.
     """
-    n, S = len(d), samples_per_shard
     reason = [str(r) for r in d.reason]
-    tok = np.array(d.image_tokens, dtype=np.float32)  # copies: invalid rows are zeroed below
-    lat = np.array(d.prompt_latents, dtype=np.float32)
+    tok = np.asarray(d.image_tokens, dtype=np.float32)
+    lat = np.asarray(d.prompt_latents, dtype=np.float32)
     ok = finite_mask(tok, float16=encoding == "float16") & finite_mask(lat, float16=True)
     for i in np.flatnonzero(~ok):
         reason[i] = reason[i] or NON_FINITE
     valid = np.array([r == "" for r in reason], dtype=bool)
-    tok[~valid] = 0.0  # invalid rows are stored as zeros, whatever the writer passed
-    lat[~valid] = 0.0
-
-    def pad(x: np.ndarray, dtype: Any) -> np.ndarray:
-        out = np.zeros((S, *x.shape[1:]), dtype=dtype)  # tail rows stay zero (not written)
-        out[:n] = x
-        return out
-
-    region = {name: pad(a, a.dtype) for name, a in encode_tokens(tok, encoding).items()}
-    region["prompt_latents"] = pad(lat, np.float16)
-    region["prompt_mask"] = pad(np.asarray(d.prompt_mask, dtype=bool), bool)
+    if not valid.all():  # copy only when rows must be zeroed
+        tok, lat = tok.copy(), lat.copy()
+        tok[~valid] = 0.0
+        lat[~valid] = 0.0
+    split_code = np.array([SPLIT_CODES[s] for s in d.split], dtype=np.int8)
+    arrays = dict(encode_tokens(tok, encoding))
+    arrays["prompt_latents"] = lat.astype(np.float16)
+    arrays["prompt_mask"] = np.asarray(d.prompt_mask, dtype=bool)
     # Thumbnails are kept for invalid rows too: they are what one looks at when debugging.
-    region["thumbnail"] = pad(np.asarray(d.thumbnail), np.uint8)
-    region["valid"] = pad(valid, bool)
-    texts = {
-        "caption": d.caption,
-        "key": d.key,
-        "url": d.url,
-        "split": d.split,
+    arrays["thumbnail"] = np.asarray(d.thumbnail, dtype=np.uint8)
+    columns: dict[str, list[Any] | np.ndarray] = {
+        "valid": valid,
+        "split": split_code,
+        "caption": [str(v) for v in d.caption],
+        "key": [str(v) for v in d.key],
+        "url": [str(v) for v in d.url],
         "reason": reason,
         "meta": [json.dumps(m, sort_keys=True, default=str) for m in d.meta],
     }
-    for name, values in texts.items():
-        col = np.full(S, "", dtype=object)
-        col[:n] = [str(v) for v in values]
-        region[name] = col
-    counts = {
-        "n_samples": n,
-        "n_valid": int(valid.sum()),
-        "reasons": dict(Counter(r for r in reason if r)),
-        "splits": dict(Counter(s for s, v in zip(d.split, valid, strict=True) if v)),
-    }
-    return region, counts
+    train = np.flatnonzero(valid & (split_code == SPLIT_CODES["train"]))
+    return EncodedRows(arrays, columns, valid, split_code, reason, tok, train)

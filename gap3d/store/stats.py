@@ -1,52 +1,84 @@
-"""Per-role channel statistics of a feature store's image tokens.
+"""Per-role channel statistics from mergeable partial moments.
 
-The trainer standardises targets per channel, separately for the CLS, register and patch
-tokens (they live on very different scales in DINOv2). Statistics are accumulated in float64
-with Chan et al.'s pairwise update ("Updating formulae and a pairwise algorithm for computing
-sample variances", 1979), which stays exact where a naive sum of squares would cancel.
-They are stored in the store's ``stats`` group with the set of shards they cover.
+The trainer can standardise targets per channel, separately for the CLS, register and patch
+tokens (they live on very different scales). Instead of a pass over the whole store, every
+encode task keeps ``(count, mean, M2)`` per role and channel of the float32 tokens of its
+valid ``train`` rows (before float16/int8 storage) and stores them with its shard
+(``moments/mean``, ``moments/m2``; counts in the commit record). Statistics of any set of
+shards are then a merge of a few numbers per shard, done on demand and only when a config
+normalises. Rows that must not count (a trainer's validation rows) are taken out again with
+the inverse of the same update.
+
+The merge is the pairwise update of Chan, Golub & LeVeque ("Updating formulae and a pairwise
+algorithm for computing sample variances", 1979): for parts ``a`` and ``b``,
+``n = n_a + n_b``, ``delta = mean_b - mean_a``, ``mean = mean_a + delta * n_b / n``,
+``M2 = M2_a + M2_b + delta**2 * n_a * n_b / n``. It stays exact where a naive sum of squares
+cancels. Removing part ``b`` from a whole solves the same equations for ``a``.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import numpy as np
-import zarr
-from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from gap3d.store import FeatureStore
+from gap3d.layout import TokenLayout
+from gap3d.store.manifest import ROLES
 
-STATS_GROUP = "stats"
-ROLES = ("cls", "register", "patch")
-# Bound the float64 working set of one read (about 256 MB), whatever the token grid size.
-_BATCH_BYTES = 256 * 2**20
+# Rows per step when reducing a batch of tokens: bounds the float32 temporaries.
+_ROWS_PER_STEP = 16
 
 
-class RunningMoments:
-    """Streaming per-channel mean and M2 (sum of squared deviations) in float64."""
+@dataclass
+class Moments:
+    """Count, mean and M2 (sum of squared deviations) per channel, float64."""
 
-    def __init__(self, channels: int) -> None:
-        self.n = 0
-        self.mean = np.zeros(channels, np.float64)
-        self.m2 = np.zeros(channels, np.float64)
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
 
-    def update(self, x: np.ndarray) -> None:
-        """Add rows ``x (m, C)``."""
-        x = np.asarray(x, np.float64)
+    @classmethod
+    def zeros(cls, channels: int) -> Moments:
+        return cls(0, np.zeros(channels, np.float64), np.zeros(channels, np.float64))
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        """Moments of the rows of ``x (m, C)`` (reduced in float32 with pairwise sums, then
+        float64: float32 pairwise summation errs ~1e-7 relative, far below float16 storage)."""
+        x = np.asarray(x)
         m = x.shape[0]
         if m == 0:
-            return
-        mean_b = x.mean(axis=0)
-        m2_b = ((x - mean_b) ** 2).sum(axis=0)
-        n = self.n + m
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (m / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.n * m / n)
-        self.n = n
+            return cls.zeros(x.shape[-1])
+        x32 = x.astype(np.float32, copy=False)
+        mean = x32.mean(axis=0, dtype=np.float32)
+        m2 = np.square(x32 - mean).sum(axis=0, dtype=np.float32)
+        return cls(m, mean.astype(np.float64), m2.astype(np.float64))
+
+    def merge(self, other: Moments) -> Moments:
+        """Moments of the union of two disjoint row sets."""
+        if other.n == 0:
+            return Moments(self.n, self.mean.copy(), self.m2.copy())
+        if self.n == 0:
+            return Moments(other.n, other.mean.copy(), other.m2.copy())
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    def remove(self, part: Moments) -> Moments:
+        """Moments of the rows of ``self`` that are not in ``part`` (``part`` must be a subset)."""
+        if part.n == 0:
+            return Moments(self.n, self.mean.copy(), self.m2.copy())
+        if part.n > self.n:
+            raise ValueError(f"cannot remove {part.n} rows from {self.n}")
+        n = self.n - part.n
+        if n == 0:
+            return Moments.zeros(len(self.mean))
+        mean = (self.n * self.mean - part.n * part.mean) / n
+        delta = part.mean - mean
+        m2 = self.m2 - part.m2 - delta**2 * (n * part.n / self.n)
+        return Moments(n, mean, np.maximum(m2, 0.0))  # rounding may dip below zero
 
     @property
     def std(self) -> np.ndarray:
@@ -54,56 +86,54 @@ class RunningMoments:
         return np.sqrt(self.m2 / max(self.n, 1))
 
 
-def compute(store: FeatureStore, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """Stream over valid rows of committed shards; returns ``(stats, info)``."""
-    lay = store.layout
-    slices = {"cls": lay.cls_slice, "register": lay.register_slice, "patch": lay.patch_slice}
-    roles = [r for r in ROLES if slices[r].stop > slices[r].start]
-    moments = {r: RunningMoments(lay.channels) for r in roles}
-    shards = store.committed_shards()
-    S = store.samples_per_shard
-    rows_all = store.indices(valid_only=True, committed_only=True)
-    rows_all = rows_all[np.isin(rows_all // S, shards)]  # a shard committed meanwhile waits
-    batch = max(1, _BATCH_BYTES // (lay.n_tokens * lay.channels * 8))
-    for s in tqdm(shards, desc="store stats", unit="shard", disable=not progress):
-        lo, hi = np.searchsorted(rows_all, [s * S, (s + 1) * S])  # rows_all is sorted
-        rows = rows_all[lo:hi]
-        for i in range(0, rows.size, batch):
-            tok = store.read(rows[i : i + batch], fields=["image_tokens"])["image_tokens"]
-            for r in roles:
-                moments[r].update(tok[:, slices[r], :].reshape(-1, lay.channels))
-    n_samples = rows_all.size
+def role_slices(layout: TokenLayout) -> dict[str, slice]:
+    return {"cls": layout.cls_slice, "register": layout.register_slice, "patch": layout.patch_slice}
+
+
+class RoleMoments:
+    """Streaming per-role moments of token batches (what an encode task keeps per shard)."""
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.layout = layout
+        self.parts = {r: Moments.zeros(layout.channels) for r in ROLES}
+
+    def update(self, tokens: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Add samples ``tokens[rows] (m, T, C)`` (float32, before storage encoding); the
+        selection is taken a few rows at a time, so no copy of the batch is made."""
+        C = self.layout.channels
+        rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+        for lo in range(0, len(rows), _ROWS_PER_STEP):
+            block = tokens[rows[lo : lo + _ROWS_PER_STEP]]
+            for role, sl in role_slices(self.layout).items():
+                if sl.stop > sl.start:
+                    part = Moments.of(block[:, sl, :].reshape(-1, C))
+                    self.parts[role] = self.parts[role].merge(part)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """``(mean (3, C), m2 (3, C), counts)`` in ROLES order, for the store."""
+        mean = np.stack([self.parts[r].mean for r in ROLES])
+        m2 = np.stack([self.parts[r].m2 for r in ROLES])
+        return mean, m2, {r: int(self.parts[r].n) for r in ROLES}
+
+
+def merge_shards(
+    means: np.ndarray, m2s: np.ndarray, counts: list[dict[str, int]]
+) -> dict[str, Moments]:
+    """Merge per-shard moments ``means/m2s (k, 3, C)`` with their counts into one per role."""
+    out: dict[str, Moments] = {}
+    for j, role in enumerate(ROLES):
+        total = Moments.zeros(means.shape[-1])
+        for i, c in enumerate(counts):
+            total = total.merge(Moments(int(c.get(role, 0)), means[i, j], m2s[i, j]))
+        out[role] = total
+    return out
+
+
+def to_stats(parts: dict[str, Moments]) -> dict[str, np.ndarray]:
+    """``{role}_mean`` / ``{role}_std`` arrays (C,) for roles with tokens (the trainer's form)."""
     stats: dict[str, np.ndarray] = {}
-    for r in roles:
-        stats[f"{r}_mean"] = moments[r].mean
-        stats[f"{r}_std"] = moments[r].std
-    info = {
-        "shards": shards,
-        "n_samples": int(n_samples),
-        "n_tokens": {r: int(moments[r].n) for r in roles},
-        "computed": time.time(),
-        "std": "population (ddof=0), float64",
-    }
-    return stats, info
-
-
-def save(path: Path, stats: dict[str, np.ndarray], info: dict[str, Any]) -> None:
-    """Replace the store's ``stats`` group; attributes are written last."""
-    root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    group = root.create_group(STATS_GROUP, overwrite=True)
-    for name, values in stats.items():
-        group.create_array(name, data=np.asarray(values, np.float64), chunks=values.shape)
-    group.update_attributes({"info": info})
-
-
-def load_info(path: Path) -> dict[str, Any] | None:
-    """The ``info`` of the stored statistics, or None when there are none (yet)."""
-    if not (Path(path) / STATS_GROUP / "zarr.json").is_file():
-        return None
-    info = zarr.open_group(str(Path(path) / STATS_GROUP), mode="r").attrs.get("info")
-    return dict(info) if info else None
-
-
-def load(path: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(Path(path) / STATS_GROUP), mode="r")
-    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+    for role in ROLES:
+        if parts[role].n:
+            stats[f"{role}_mean"] = parts[role].mean
+            stats[f"{role}_std"] = parts[role].std
+    return stats

@@ -1,12 +1,14 @@
-"""Training data: batches of cached features straight from the Zarr feature store.
+"""Training data: batches of cached features straight from the feature store.
 
 Training never runs an encoder: a batch is ``image_tokens``, ``prompt_latents`` and
-``prompt_mask`` read from the store. Three decisions shape this module:
+``prompt_mask`` read from the store. Four decisions shape this module:
 
-* **Train split only.** Samples the store marks ``split == "heldout"`` (held-out
-  shape/colour combinations, eval only) are never trained on. A deterministic validation
-  subset is carved out of the ``train`` samples from ``(seed, train.val_fraction)`` and written
-  to ``<run_dir>/split.json`` so evaluation and resume see the same split.
+* **Train split only, validation by key.** Samples the store marks ``heldout`` (held-out
+  shape/colour combinations, eval only) are never trained on. ``train.val_samples`` samples of
+  the ``train`` split are set aside for validation by a pure function of (seed, sample key)
+  (``split.py``); only the threshold is written to ``<run_dir>/split.json``.
+* **An index from commit records.** Rows, validity, split and key hashes come from the
+  store's per-shard commit records, read once per process: no per-row array, no text column.
 * **Batch k is a pure function of (seed, k).** :class:`StepBatchSampler` draws data epoch
   ``e = k // batches_per_epoch`` as ``permutation(default_rng([seed, e]))`` and slices it.
   Lightning 2.6 restores its loop counters on resume but not the position of a plain sampler
@@ -16,15 +18,14 @@ Training never runs an encoder: a batch is ``image_tokens``, ``prompt_latents`` 
   its own slice of the global batch, so the order does not depend on Lightning's
   ``DistributedSampler`` (we pass ``use_distributed_sampler=False``).
 * **One store read per batch.** The sampler yields whole index lists and the dataset reads
-  them with one sorted ``store.read`` call, so Zarr fetches each chunk once per batch instead
-  of once per sample. Each worker process opens its own store handle (Zarr v3 runs a
-  background event loop that must not cross a ``fork``).
+  them with one sorted ``store.read`` call (tensorstore: all rows of all arrays in one
+  concurrent request). Each worker process opens its own store handle; a parent that forks
+  workers reads through zarr-python itself, since tensorstore does not survive a fork.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -37,9 +38,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gap3d.config import Gap3dConfig
+from gap3d.store.manifest import SPLIT_CODES
+from gap3d.trainer import split as splits
 
-SPLIT_FILE = "split.json"
-_VAL_SALT = 0x5EED  # keeps the val split independent of the epoch permutations
+SPLIT_FILE = splits.SPLIT_FILE
 
 
 class DataError(ValueError):
@@ -86,48 +88,52 @@ def check_store(store: Any, cfg: Gap3dConfig) -> list[str]:
     return notes
 
 
-def make_split(
-    indices: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic ``(train, val)`` split of store rows, both sorted, val non-empty."""
-    indices = np.sort(np.asarray(indices, dtype=np.int64))
-    n_val = int(round(len(indices) * val_fraction))
-    n_val = min(max(n_val, 1), len(indices) - 1)
-    perm = np.random.default_rng([seed, _VAL_SALT]).permutation(len(indices))
-    return np.sort(indices[perm[n_val:]]), np.sort(indices[perm[:n_val]])
+def reader_for(cfg: Gap3dConfig) -> str:
+    """The store reader of the training process itself: a fork-safe one when it will fork
+    DataLoader workers (tensorstore does not survive a fork; the workers use it), else auto."""
+    from gap3d.store import StoreLocation
+    from gap3d.store.reader import fork_safe, resolve_backend
+
+    ctx = cfg.train.multiprocessing_context
+    forks = ctx == "fork" or (ctx is None and mp_default_is_fork())
+    backend = resolve_backend(StoreLocation.parse(cfg.store_path), "auto")
+    return fork_safe(backend) if cfg.train.num_workers > 0 and forks else backend
 
 
-def load_or_make_split(
-    run_dir: Path, train_rows: np.ndarray, val_fraction: float, seed: int, write: bool = True
+def mp_default_is_fork() -> bool:
+    import multiprocessing
+
+    return (
+        multiprocessing.get_start_method(allow_none=True) in (None, "fork") and os.name == "posix"
+    )
+
+
+def split_store(
+    store: Any, cfg: Gap3dConfig, write: bool = True
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Reuse ``<run_dir>/split.json`` when it still fits the store, else make and write one.
+    """``(train_rows, val_rows, note)`` of the store's valid ``train`` samples for ``cfg``.
 
-    Reusing the written split keeps the val set fixed across resumes even if the store grew
-    (``allow_partial_store``). Returns ``(train, val, note)``.
+    Reuses ``<run_dir>/split.json`` when it has the same seed and ``val_samples`` (a resume, or
+    a store that grew: every old sample keeps its side); otherwise chooses the threshold now and
+    writes it (``write``: rank 0 only).
     """
-    path = run_dir / SPLIT_FILE
-    available = set(np.asarray(train_rows).tolist())
-    if path.exists():
-        saved = json.loads(path.read_text())
-        tr, va = np.asarray(saved["train"], np.int64), np.asarray(saved["val"], np.int64)
-        same_recipe = saved.get("seed") == seed and saved.get("val_fraction") == val_fraction
-        if same_recipe and available.issuperset(tr.tolist()) and available.issuperset(va.tolist()):
-            return tr, va, f"reusing the train/val split in {path}"
-    tr, va = make_split(train_rows, val_fraction, seed)
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        payload = {
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "n_train": len(tr),
-            "n_val": len(va),
-            "train": tr.tolist(),
-            "val": va.tolist(),
-        }
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)  # atomic: DDP ranks may write the same content concurrently
-    return tr, va, f"wrote the train/val split to {path}"
+    index = store.index()
+    cand = index.valid & (index.split == SPLIT_CODES["train"])
+    rows = index.rows[cand]
+    score = splits.scores(index.key_hash[cand], cfg.seed)
+    rule = splits.load_rule(cfg.run_dir)
+    path = cfg.run_dir / SPLIT_FILE
+    if rule is not None and (rule.seed, rule.val_samples) == (cfg.seed, cfg.train.val_samples):
+        note = f"validation rows by (seed, key) with the threshold in {path}"
+    else:
+        n_val = min(cfg.train.val_samples, max(1, len(rows) // 2))
+        rule = splits.make_rule(score, cfg.seed, n_val)
+        rule = splits.SplitRule(cfg.seed, cfg.train.val_samples, rule.threshold, rule.n_candidates)
+        if write:
+            splits.save_rule(cfg.run_dir, rule)
+        note = f"chose {n_val} validation rows by (seed, key); threshold written to {path}"
+    train, val = splits.split_rows(rows, score, rule)
+    return train, val, note
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,9 +214,12 @@ class StepBatchSampler(Sampler[list[int]]):
 class StoreBatchDataset(Dataset):
     """``dataset[list_of_rows]`` -> one batch dict of tensors, read with one store call."""
 
-    def __init__(self, store_path: str | Path, fields: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, store_path: str | Path, fields: tuple[str, ...] | None = None, reader: str = "auto"
+    ) -> None:
         self.store_path = str(store_path)
         self.fields = fields or ("image_tokens", "prompt_latents", "prompt_mask")
+        self.reader = reader
         self._store: Any = None
         self._pid: int | None = None
 
@@ -220,7 +229,8 @@ class StoreBatchDataset(Dataset):
         if self._store is None or self._pid != os.getpid():
             from gap3d.store import FeatureStore
 
-            self._store, self._pid = FeatureStore.open(self.store_path), os.getpid()
+            self._store = FeatureStore.open(self.store_path, reader=self.reader)
+            self._pid = os.getpid()
         return self._store
 
     def __getstate__(self) -> dict[str, Any]:
@@ -231,7 +241,8 @@ class StoreBatchDataset(Dataset):
 
     def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(rows, dtype=np.int64))  # sorted = chunk-local reads
-        data = self.store.read(idx, fields=self.fields)
+        # float16 halves what workers hand to the training process; the module casts.
+        data = self.store.read(idx, fields=self.fields, floats="float16")
         out = {k: torch.as_tensor(np.asarray(data[k])) for k in self.fields}
         out["index"] = torch.as_tensor(idx)
         return out
@@ -315,27 +326,27 @@ class StoreDataModule(pl.LightningDataModule):
 
     def open_store(self) -> Any:
         if self.store is None:
-            from gap3d.store import FeatureStore
+            from gap3d.store import FeatureStore, StoreError, StoreLocation
 
-            if not Path(self.cfg.store_path).exists():
+            if not StoreLocation.parse(self.cfg.store_path).exists():
                 raise FileNotFoundError(
                     f"feature store {self.cfg.store_path} not found; run `gap3d cache` first"
                 )
-            self.store = FeatureStore.open(self.cfg.store_path)
+            try:
+                self.store = FeatureStore.open(self.cfg.store_path, reader=reader_for(self.cfg))
+            except StoreError as e:
+                raise DataError(str(e)) from e
             self.notes = check_store(self.store, self.cfg)
         return self.store
 
     def prepare_split(self) -> None:
-        """Load or make (and write) the train/val split; idempotent."""
+        """Compute the train/val split (writing ``split.json`` on rank 0); idempotent."""
         if len(self.train_rows):
             return
         store = self.open_store()
-        rows = store.indices(valid_only=True, committed_only=True, split="train")
         self.n_heldout = len(store.indices(valid_only=True, committed_only=True, split="heldout"))
         rank0 = self.trainer is None or self.trainer.is_global_zero
-        tr, va, note = load_or_make_split(
-            self.cfg.run_dir, rows, self.cfg.train.val_fraction, self.cfg.seed, write=rank0
-        )
+        tr, va, note = split_store(store, self.cfg, write=rank0 and env_is_global_zero())
         self.train_rows, self.val_rows = tr, va
         self.notes.append(note)
 
@@ -361,15 +372,21 @@ class StoreDataModule(pl.LightningDataModule):
             block=self.cfg.train.shuffle_block,
         )
         return make_loader(
-            StoreBatchDataset(self.cfg.store_path),
+            self._dataset(),
             sampler,
             self.cfg.train.num_workers,
             self.cfg.train.multiprocessing_context,
             cls=ResumableLoader,
         )
 
+    def _dataset(self) -> StoreBatchDataset:
+        # Without workers the batches are read in this process, with its own reader choice.
+        reader = reader_for(self.cfg) if self.cfg.train.num_workers == 0 else "auto"
+        return StoreBatchDataset(self.cfg.store_path, reader=reader)
+
     def val_rows_used(self) -> np.ndarray:
-        """The first ``train.val_samples`` val rows (fixed, so metrics compare across steps)."""
+        """The first ``train.val_samples`` val rows by score (fixed, so metrics compare across
+        steps; a grown store may add val rows, which are then withheld but not used)."""
         return self.val_rows[: self.cfg.train.val_samples]
 
     def val_dataloader(self) -> DataLoader:
@@ -381,7 +398,7 @@ class StoreDataModule(pl.LightningDataModule):
         bs = self.cfg.train.batch_size
         batches = [rows[i : i + bs].tolist() for i in range(0, len(rows), bs)]
         return make_loader(
-            StoreBatchDataset(self.cfg.store_path),
+            self._dataset(),
             batches,  # type: ignore[arg-type]
             self.cfg.train.num_workers,
             self.cfg.train.multiprocessing_context,
@@ -399,6 +416,30 @@ class StoreDataModule(pl.LightningDataModule):
         total = None
         for i in range(0, len(rows), chunk):
             x = store.read(rows[i : i + chunk], fields=["image_tokens"])["image_tokens"]
-            x = np.asarray(x, dtype=np.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
+            x = np.asarray(x, dtype=np.float64).sum(0)
+            total = x if total is None else total + x
         return torch.as_tensor(total / len(rows), dtype=torch.float32)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """Per-role channel statistics of exactly the rows this run trains on: the store's
+        partial moments of its train split (no token read), minus the validation rows."""
+        from gap3d.store.stats import to_stats
+
+        store = self.open_store()
+        self.prepare_split()
+        parts = store.moments()
+        held = store.token_moments(self.val_rows)
+        return to_stats({role: parts[role].remove(held[role]) for role in parts})
+
+
+def env_is_global_zero() -> bool:
+    """Whether this process is global rank 0, as the launcher says in the environment.
+
+    Lightning's subprocess launcher re-runs ``gap3d train`` in each extra rank with
+    ``LOCAL_RANK``/``NODE_RANK`` set (torchrun also sets ``RANK``); before the trainer exists
+    this is how a rank knows whether to write shared run files."""
+    env = os.environ
+    if "LOCAL_RANK" in env:
+        node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
+        return int(env["LOCAL_RANK"]) == 0 and node == 0
+    return int(env.get("RANK", 0)) == 0

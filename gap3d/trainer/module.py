@@ -43,7 +43,7 @@ RESUME_KEYS = (
     "train.cfg_dropout",
     "train.t_sampling",
     "train.loss_weights",
-    "train.val_fraction",
+    "train.val_samples",
 )
 
 

@@ -26,8 +26,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gap3d.config import Gap3dConfig
-from gap3d.trainer.data import StoreDataModule
+from gap3d.trainer.data import StoreDataModule, env_is_global_zero
 from gap3d.trainer.module import AlignerModule, resume_fingerprint
+from gap3d.trainer.run_stats import run_statistics
 
 CKPT_DIR = "checkpoints"
 # Noise Lightning prints that says nothing about this run.
@@ -68,7 +69,7 @@ def store_info(store: Any, path: str | Path) -> dict[str, Any]:
         "prompt_dim": int(store.prompt_dim),
         "prompt_max_length": int(store.prompt_max_length),
         "manifest": json.loads(json.dumps(store.manifest, default=str)),
-        "store_path": str(path),
+        "store_path": store.url,
     }
 
 
@@ -241,14 +242,9 @@ def train(
             "continue instead)"
         )
     dm.prepare_split()  # after the resume checks: a refused resume leaves split.json alone
-    stats = None
-    if cfg.aligner.normalize_targets:
-        try:
-            stats = store.stats
-        except RuntimeError as e:  # StoreError: no statistics yet
-            raise ValueError(f"{e}; or set aligner.normalize_targets=false") from e
+    stats, mean_tokens = run_statistics(dm, cfg, env_is_global_zero(), say)
     module = AlignerModule(cfg.to_dict(), info, experiment_hash(cfg.to_dict()), stats=stats)
-    module.mean_tokens.copy_(dm.mean_tokens())
+    module.mean_tokens.copy_(mean_tokens)
 
     callbacks: list[Callback] = [_MaxStepsStop(stop_at_step)] if stop_at_step else []
     trainer = build_trainer(cfg, callbacks)

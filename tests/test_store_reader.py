@@ -1,9 +1,8 @@
-"""The direct shard reader (store_fastread.py) against zarr-python's own reads."""
+"""The store's readers (fastread, tensorstore, zarr-python) against zarr-python's own reads."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,7 @@ from zarr.codecs import GzipCodec
 
 from gap3d.store import FeatureStore
 from gap3d.store.fastread import plan_array, read_rows
-from gap3d.store.files import FEATURE_ARRAYS
-
-ROW_ARRAYS = ("image_tokens", "image_scale", "prompt_latents", "prompt_mask", "thumbnail")
+from gap3d.store.schema import FEATURE_ARRAYS, ROW_ARRAYS
 
 
 def _store(tmp_path: Path, kind: str, encoding: str, compression: str) -> FeatureStore:
@@ -26,7 +23,11 @@ def _store(tmp_path: Path, kind: str, encoding: str, compression: str) -> Featur
     store = FeatureStore.create(tmp_path / f"{kind}-{encoding}-{compression}.zarr", spec)
     store.write_shard(0, make_shard(spec, 4, seed=1, invalid=(1,)))
     store.write_shard(2, make_shard(spec, 6, seed=2))
-    return FeatureStore.open(store.path)
+    return FeatureStore.open(store.url)
+
+
+def _dir(store: FeatureStore, name: str) -> Path:
+    return Path(store.location.path) / name
 
 
 @pytest.mark.parametrize(
@@ -53,35 +54,32 @@ def test_matches_zarr(tmp_path: Path, kind: str, encoding: str, compression: str
     for name in ROW_ARRAYS:
         if name not in store.manifest["arrays"]:
             continue
-        plan = plan_array(store.path / name)
+        plan = plan_array(_dir(store, name))
         assert plan is not None, f"{name} should be readable directly"
         assert plan.zstd == (compression == "zstd" or name not in FEATURE_ARRAYS)
         for rows in selections:
             expected = store.raw(name).oindex[rows]
             got = read_rows(plan, rows)
             assert got.dtype == expected.dtype and np.array_equal(got, expected), name
-    # the decoded batch of the whole read path is the same with and without the direct reader
+    # the decoded batch of the whole read path is the same through every reader
     rows = np.sort(rng.choice(n, 10, replace=False))
-    fast = store.read(rows)
-    os.environ["GAP3D_STORE_FASTREAD"] = "0"
-    try:
-        slow = FeatureStore.open(store.path)
-        ref = slow.read(rows)
-        assert all(p is None for p in slow._plans.values())
-    finally:
-        del os.environ["GAP3D_STORE_FASTREAD"]
-    assert all(store._plans[k] is not None for k in ("image_tokens", "prompt_latents"))
-    for k, v in ref.items():
-        if isinstance(v, np.ndarray):
-            assert v.dtype == fast[k].dtype and np.array_equal(v, fast[k]), k
-        else:
-            assert v == fast[k], k
+    ref = FeatureStore.open(store.url, reader="zarr").read(rows)
+    for backend in ("fastread", "tensorstore"):
+        got = FeatureStore.open(store.url, reader=backend).read(rows)
+        for k, v in ref.items():
+            if isinstance(v, np.ndarray):
+                assert v.dtype == got[k].dtype and np.array_equal(v, got[k]), (backend, k)
+            else:
+                assert v == got[k], (backend, k)
+        half = FeatureStore.open(store.url, reader=backend).read(rows, floats="float16")
+        assert half["image_tokens"].dtype == np.float16
+        np.testing.assert_allclose(half["image_tokens"], ref["image_tokens"], rtol=1e-3, atol=1e-3)
 
 
 def test_unsupported_arrays_fall_back(tmp_path: Path) -> None:
     store = _store(tmp_path, "tiny", "float16", "none")
-    assert plan_array(store.path / "caption") is None  # text column: zarr reads it
-    assert plan_array(store.path / "valid") is None  # one chunk per shard, not per row
+    assert plan_array(_dir(store, "caption")) is None  # text column: zarr reads it
+    assert plan_array(_dir(store, "valid")) is None  # one chunk per shard, not per row
     assert plan_array(tmp_path / "nowhere") is None
     g = zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3)
     g.create_array("gz", shape=(4, 3), dtype="float32", chunks=(1, 3), shards=(2, 3),
@@ -90,14 +88,14 @@ def test_unsupported_arrays_fall_back(tmp_path: Path) -> None:
     assert plan_array(tmp_path / "other.zarr" / "gz") is None
     assert plan_array(tmp_path / "other.zarr" / "wide") is None
     # a v2 chunk key encoding is left to zarr
-    meta = json.loads((store.path / "image_tokens" / "zarr.json").read_text())
+    meta = json.loads((_dir(store, "image_tokens") / "zarr.json").read_text())
     meta["chunk_key_encoding"] = {"name": "v2", "configuration": {"separator": "."}}
     (tmp_path / "v2").mkdir()
     (tmp_path / "v2" / "zarr.json").write_text(json.dumps(meta))
     assert plan_array(tmp_path / "v2") is None
     # mixing direct and zarr reads in one batch gives the same values
-    reader = FeatureStore.open(store.path)
-    reader._plans["prompt_mask"] = None
+    reader = FeatureStore.open(store.url)
+    reader.reader._plans["prompt_mask"] = None
     rows = reader.indices()
     assert np.array_equal(
         reader.read(rows, fields=["prompt_mask"])["prompt_mask"],
@@ -107,7 +105,7 @@ def test_unsupported_arrays_fall_back(tmp_path: Path) -> None:
 
 def test_damaged_shard_is_reported(tmp_path: Path) -> None:
     store = _store(tmp_path, "tiny", "float16", "none")
-    plan = plan_array(store.path / "image_tokens")
+    plan = plan_array(_dir(store, "image_tokens"))
     assert plan is not None
     f = Path(plan.shard_file(2))
     raw = bytearray(f.read_bytes())
@@ -128,7 +126,7 @@ def test_cast_and_rewrite(tmp_path: Path) -> None:
     """Casting while reading is exact; a shard rewritten after a read is read anew (the
     per-process cache of open shard files checks the file on every use)."""
     store = _store(tmp_path, "demo", "float16", "none")
-    plan = plan_array(store.path / "image_tokens")
+    plan = plan_array(_dir(store, "image_tokens"))
     assert plan is not None
     rows = np.array([13, 0, 12, 3])
     as_f32 = read_rows(plan, rows, dtype=np.float32)
@@ -137,7 +135,7 @@ def test_cast_and_rewrite(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="losslessly"):
         read_rows(plan, rows, dtype=np.int8)
     before = store.read([12, 13])["image_tokens"]
-    writer = FeatureStore.open(store.path, "r+")
+    writer = FeatureStore.open(store.url, "r+")
     spec = make_spec("demo", "float16", n_shards=3, samples_per_shard=6, compression="none")
     writer.write_shard(2, make_shard(spec, 6, seed=99))
     after = store.read([12, 13])["image_tokens"]
@@ -151,7 +149,7 @@ def test_forked_workers_reopen(tmp_path: Path) -> None:
 
     store = _store(tmp_path, "tiny", "float16", "none")
     rows = store.indices()
-    ds = StoreBatchDataset(store.path)
+    ds = StoreBatchDataset(store.url)
     expected = ds[rows.tolist()]  # fills this process's cache of open shard files
     batches = [rows[i : i + 3].tolist() for i in range(0, len(rows), 3)]
     loader = make_loader(ds, batches, num_workers=2, multiprocessing_context="fork")  # type: ignore[arg-type]

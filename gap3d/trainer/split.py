@@ -1,0 +1,107 @@
+"""The train/validation split: a pure function of (seed, sample key), no stored row lists.
+
+Every sample gets a score ``u = mix64(key_hash32(key) ^ mix64(seed))`` (uniform over 64-bit
+integers; ``key_hash32`` is in each shard's commit record, so no text column is read). A run
+validates on the samples of the store's ``train`` split whose score is below a threshold, and
+trains on the rest. The threshold is chosen once, at the start of a run, as the smallest value
+that puts ``train.val_samples`` samples below it, and written to ``<run_dir>/split.json`` with
+the seed: resumes reuse it, so a sample's side never changes, and a store that grows later
+only adds samples (new ones below the threshold join validation, at the same rate). Nothing
+but those few samples is withheld from training.
+
+``mix64`` is the finaliser of SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom
+number generators", OOPSLA 2014): a bijection on 64-bit integers with good avalanche, so close
+keys and close seeds give unrelated scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLIT_FILE = "split.json"
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, vectorised over uint64."""
+    z = np.asarray(x, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def scores(key_hash: np.ndarray, seed: int) -> np.ndarray:
+    """The split score (uint64) of each sample."""
+    s = mix64(np.array([(int(seed) * _GOLDEN) % 2**64], dtype=np.uint64))[0]
+    return mix64(np.asarray(key_hash, dtype=np.uint64) ^ s)
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """What defines a run's split; the threshold is fixed at the run's start."""
+
+    seed: int
+    val_samples: int
+    threshold: int  # validation iff score < threshold
+    n_candidates: int  # train-split samples when the threshold was chosen
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "threshold": str(self.threshold)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> SplitRule:
+        d = json.loads(text)
+        return cls(
+            int(d["seed"]), int(d["val_samples"]), int(d["threshold"]), int(d["n_candidates"])
+        )
+
+
+def choose_threshold(score: np.ndarray, val_samples: int) -> int:
+    """The smallest threshold with ``min(val_samples, n)`` scores below it."""
+    n = len(score)
+    k = min(int(val_samples), n)
+    if k == 0:
+        return 0
+    kth = np.partition(np.asarray(score, np.uint64), k - 1)[k - 1]
+    return int(kth) + 1
+
+
+def make_rule(score: np.ndarray, seed: int, val_samples: int) -> SplitRule:
+    return SplitRule(int(seed), int(val_samples), choose_threshold(score, val_samples), len(score))
+
+
+def split_rows(
+    rows: np.ndarray, score: np.ndarray, rule: SplitRule
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows sorted, val_rows ordered by score)`` of the candidate ``rows``."""
+    val = score < np.uint64(rule.threshold)
+    order = np.argsort(score[val], kind="stable")
+    return np.sort(rows[~val]), rows[val][order]
+
+
+def load_rule(run_dir: Path) -> SplitRule | None:
+    path = Path(run_dir) / SPLIT_FILE
+    try:
+        return SplitRule.from_json(path.read_text())
+    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def save_rule(run_dir: Path, rule: SplitRule) -> Path:
+    """Write ``split.json`` atomically (DDP ranks may race with the same content)."""
+    path = Path(run_dir) / SPLIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(rule.to_json())
+    os.replace(tmp, path)
+    return path
