@@ -231,6 +231,9 @@ class TrainConfig:
     strategy: str = "auto"
     deterministic: bool = False
     allow_partial_store: bool = False  # train on the committed part of an unfinished store
+    # write <run_dir>/trace/rank-R.jsonl: per step, the store rows of each rank's batch and a
+    # digest of its parameters (checks DDP data sharding, replica sync and exact resume)
+    trace_batches: bool = False
     # 1 = uniform shuffle; k > 1 shuffles runs of k consecutive store rows (fewer, contiguous
     # Zarr reads per batch; less diverse batches). See gap3d/trainer/data.py.
     shuffle_block: int = 1

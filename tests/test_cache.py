@@ -288,3 +288,65 @@ def test_gpu_resources_without_gpu_workers_is_a_clear_error(bad_run, tmp_path: P
     gpu_cfg = tiny_config(tmp_path, **{"cluster.gpu_resources": True})
     with pytest.raises(RuntimeError, match="--resources GPU=1"):
         cache(gpu_cfg, client=client, shards=[write_shard_tar(tmp_path / "a.tar", cases[:2])])
+
+
+def _image_bytes(fmt: str, colour: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_existing_webdataset_shards_as_input(tmp_path: Path, inproc_client) -> None:
+    """data.source=shards: a brace pattern over local tars and an http(s) URL, read by
+    streaming; the img2dataset layout and common variants (png, webp, caption in json)."""
+    import io
+    import tarfile
+
+    from gap3d.pipeline.server import serve_directory
+
+    def tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tf:
+            for key, entries in samples.items():
+                for ext, data in entries.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        return path
+
+    js = lambda **kw: json.dumps(kw).encode()  # noqa: E731
+    tar(tmp_path / "in" / "00000.tar", {
+        "000000000": {"jpg": _image_bytes("JPEG", "red"), "txt": b"a red square",
+                      "json": js(url="http://x/0.jpg", status="success")},
+        "000000001": {"png": _image_bytes("PNG", "blue"), "txt": b"a blue square"},
+    })  # fmt: skip
+    tar(tmp_path / "in" / "00001.tar", {
+        "000000002": {"webp": _image_bytes("WEBP", "green"), "json": js(caption="a green one")},
+    })  # fmt: skip
+    tar(tmp_path / "web" / "remote.tar", {
+        "000000003": {"jpeg": _image_bytes("JPEG", "white"), "json": js(caption="a white one")},
+    })  # fmt: skip
+    with serve_directory(tmp_path / "web") as base:
+        cfg = tiny_config(
+            tmp_path,
+            **{
+                "data.source": "shards",
+                "data.shards": [str(tmp_path / "in" / "{00000..00001}.tar"), f"{base}/remote.tar"],
+                "cluster.processes": False,
+            },
+        )
+        report = cache(cfg, client=inproc_client)
+        assert report.ok and report.n_samples == report.n_valid == 4, report.summary()
+        store = FeatureStore.open(cfg.store_path)
+        rows = store.indices()
+        got = store.read(rows, fields=["caption", "key", "url"])
+        assert got["caption"] == ["a red square", "a blue square", "a green one", "a white one"]
+        assert got["url"][0] == "http://x/0.jpg"
+        assert store.commit_info(2)["source"]["url"] == f"{base}/remote.tar"
+        assert store.commit_info(2)["source"]["fingerprint"]["size"] > 0
+        again = cache(cfg, client=inproc_client)
+        assert again.skipped == [0, 1, 2] and not again.done

@@ -28,7 +28,16 @@ from gap3d.store.location import redact_url
 
 # Metadata keys (fsspec's info() of local, s3fs, gcsfs and http files) that change whenever
 # an object's content is replaced, in order of preference.
-_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
+_VERSION_KEYS = (
+    "ETag",
+    "etag",
+    "generation",
+    "md5Hash",
+    "mtime",
+    "LastModified",
+    "Last-Modified",
+    "created",
+)
 
 
 @dataclass(frozen=True)

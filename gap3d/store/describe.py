@@ -139,6 +139,12 @@ def describe(store: FeatureStore) -> dict[str, Any]:
             "note": "on disk: all array bytes / committed samples; decoded: float32 tensors, "
             "bool mask and uint8 thumbnail of one sample (text columns not counted)",
         },
+        "sources": {
+            "bound": sum(1 for k in markers if k.get("source")),
+            "first": [
+                (s, records[s]["source"]["url"]) for s in committed[:3] if records[s].get("source")
+            ],
+        },
         "stats": {
             "partial_moments_shards": len(markers),
             "token_counts": counts,
@@ -197,6 +203,10 @@ def format_text(r: dict[str, Any]) -> str:
     ]
     for reason, c in sa["invalid_reasons"].items():
         lines.append(f"        invalid {c:>8}  {reason}")
+    src = r["sources"]
+    if src["bound"]:
+        first = ", ".join(f"{s} <- {u}" for s, u in src["first"])
+        lines.append(f"sources {src['bound']} shards bound to their input shard ({first}, ...)")
     st = r["stats"]
     tokens = ", ".join(f"{k} {v}" for k, v in st["token_counts"].items() if v) or "none"
     lines.append(

@@ -55,7 +55,8 @@ def run_statistics(
     key = stats_key(cfg, store, dm.val_rows)
     path = Path(cfg.run_dir) / STATS_FILE
     data = _load(path, key)
-    if data is None and is_global_zero:
+    computed = data is None and is_global_zero
+    if computed:
         t0 = time.perf_counter()
         stats = dm.statistics() if cfg.aligner.normalize_targets else None
         mean = dm.mean_tokens()
@@ -77,8 +78,9 @@ def run_statistics(
                 raise TimeoutError(f"rank 0 did not write {path} within {WAIT_S:.0f} s")
             time.sleep(0.5)
             data = _load(path, key)
+    if not is_global_zero:
         print(f"stats    loaded the data statistics of rank 0 from {path}", flush=True)
-    else:
+    elif not computed:
         say(f"stats    reusing {path}")
     stats = {k: v.numpy() for k, v in data["stats"].items()} if data["has_stats"] else None
     return stats, data["mean_tokens"]

@@ -20,8 +20,14 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from gap3d.store.manifest import SPLIT_CODES
+
+if TYPE_CHECKING:
+    from gap3d.config import Gap3dConfig
 
 SPLIT_FILE = "split.json"
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -105,3 +111,31 @@ def save_rule(run_dir: Path, rule: SplitRule) -> Path:
     tmp.write_text(rule.to_json())
     os.replace(tmp, path)
     return path
+
+
+def split_store(
+    store: Any, cfg: Gap3dConfig, write: bool = True
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(train_rows, val_rows, note)`` of the store's valid ``train`` samples for ``cfg``.
+
+    Reuses ``<run_dir>/split.json`` when it has the same seed and ``val_samples`` (a resume, or
+    a store that grew: every old sample keeps its side); otherwise chooses the threshold now and
+    writes it (``write``: rank 0 only).
+    """
+    index = store.index()
+    cand = index.valid & (index.split == SPLIT_CODES["train"])
+    rows = index.rows[cand]
+    score = scores(index.key_hash[cand], cfg.seed)
+    rule = load_rule(cfg.run_dir)
+    path = cfg.run_dir / SPLIT_FILE
+    if rule is not None and (rule.seed, rule.val_samples) == (cfg.seed, cfg.train.val_samples):
+        note = f"validation rows by (seed, key) with the threshold in {path}"
+    else:
+        n_val = min(cfg.train.val_samples, max(1, len(rows) // 2))
+        rule = make_rule(score, cfg.seed, n_val)
+        rule = SplitRule(cfg.seed, cfg.train.val_samples, rule.threshold, rule.n_candidates)
+        if write:
+            save_rule(cfg.run_dir, rule)
+        note = f"chose {n_val} validation rows by (seed, key); threshold written to {path}"
+    train, val = split_rows(rows, score, rule)
+    return train, val, note

@@ -247,6 +247,10 @@ def train(
     module.mean_tokens.copy_(mean_tokens)
 
     callbacks: list[Callback] = [_MaxStepsStop(stop_at_step)] if stop_at_step else []
+    if cfg.train.trace_batches:
+        from gap3d.trainer.trace import BatchTrace
+
+        callbacks.append(BatchTrace(cfg.run_dir))
     trainer = build_trainer(cfg, callbacks)
     lay = store.layout
     n_params = sum(p.numel() for p in module.net.parameters())
