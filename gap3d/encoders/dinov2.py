@@ -5,7 +5,7 @@ last block *before* the model's final norm (``x_prenorm``) and applies ``F.layer
 affine parameters. In transformers' ``Dinov2WithRegistersModel`` that pre-norm tensor is
 ``hidden_states[-1]`` (the encoder records block outputs without tying the last one to
 ``last_hidden_state``, which went through the affine ``layernorm``). Token order is the
-model's: ``[CLS, 4 registers, H*W patches row-major]`` (DESIGN.md).
+model's: ``[CLS, 4 registers, H*W patches row-major]`` (docs/METHOD.md, "Token contract").
 """
 
 from __future__ import annotations

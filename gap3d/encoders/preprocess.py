@@ -1,6 +1,6 @@
 """Deterministic image preprocessing: RGB, resize the shorter side, centre crop, normalise.
 
-DESIGN.md fixes it for DINOv2 (TRELLIS's conditioning): shorter side to the image size with
+docs/METHOD.md ("Image preprocessing") fixes it for DINOv2 (TRELLIS's conditioning): shorter side to the image size with
 bicubic resampling, centre crop, ImageNet mean/std. EfficientNet-Lite0 uses the same geometry
 with its own normalisation. No augmentation ever happens here: these tensors are cached.
 """

@@ -1,6 +1,6 @@
 """Qwen2.5-VL prompt encoder: last hidden state (after the final RMSNorm) of a chat prompt.
 
-Prompt (paper, DESIGN.md): Qwen2.5-VL's default system turn, a user turn holding
+Prompt (paper; docs/METHOD.md, "Prompts"): Qwen2.5-VL's default system turn, a user turn holding
 ``cfg.template.format(caption=...)`` (preceded by the image placeholder for a text+image
 prompt, as Qwen2.5-VL's chat template lays out ``[image, text]`` content), then an **empty
 assistant turn** - exactly what the chat template renders for

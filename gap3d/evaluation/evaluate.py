@@ -7,7 +7,7 @@ Evaluation rows (never trained on):
 * ``heldout``: every store row with ``split == "heldout"`` — combinations never trained on.
 At most ``eval.n_samples`` rows in total (evenly spaced in each group, proportionally).
 
-Metrics per method and group (DESIGN.md "Evaluation"): alignment metrics of
+Metrics per method and group (docs/METHOD.md, "Evaluation"): alignment metrics of
 ``gap3d.metrics.alignment_metrics`` (patch / CLS / registers), text->image Recall@1/5/10 with
 pooled and CLS features (database = the true features of all evaluated images), and — when the
 asset library exists and samples carry shape/colour metadata — the demo's top-1 accuracy of

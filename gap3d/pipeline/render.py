@@ -1,7 +1,7 @@
 """Headless CPU rendering of the demo meshes (pyrender through Mesa's software EGL).
 
 Why the process dance: an OpenGL context belongs to the thread that made it, and a process
-that forks after creating one hangs (ENV.md). So the parent never touches OpenGL: it spawns
+that forks after creating one hangs (seen with Mesa's EGL). So the parent never touches OpenGL: it spawns
 up to ``processes`` workers, each creates one :class:`pyrender.OffscreenRenderer` in its
 initializer and renders whole assets (all views of one GLB) per task. Output is deterministic:
 fixed cameras, fixed lights, no shadows, supersampled 2x and box-filtered down.

@@ -31,7 +31,7 @@ from gap3d.layout import TokenLayout
 
 log = logging.getLogger(__name__)
 
-# TRELLIS-image-large conditions on DINOv2 ViT-L/14-reg at 518 px (DESIGN.md).
+# TRELLIS-image-large conditions on DINOv2 ViT-L/14-reg at 518 px (docs/METHOD.md, "Token contract").
 TRELLIS_LAYOUT = TokenLayout(n_cls=1, n_registers=4, grid_h=37, grid_w=37, channels=1024)
 
 INSTALL_HELP = """\
