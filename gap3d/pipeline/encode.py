@@ -23,6 +23,7 @@ from typing import Any
 import zarr
 
 from gap3d.config import Gap3dConfig
+from gap3d.pipeline import prompt_inputs
 from gap3d.pipeline.workers import ShardReport, encode_shard, encoder_info
 from gap3d.store import FeatureStore, StoreSpec
 from gap3d.store.manifest import MANIFEST_KEY
@@ -120,7 +121,7 @@ def store_spec(cfg: Gap3dConfig, info: dict[str, Any], n_shards: int) -> StoreSp
         image_encoder=info["image"],
         prompt_template=cfg.prompt_encoder.template,
         config_hash=cfg.hash(*CACHE_HASH_SECTIONS),
-        extra={"data_source": cfg.data.source},
+        extra={"data_source": cfg.data.source, **prompt_inputs.manifest_extra(cfg)},
     )
 
 

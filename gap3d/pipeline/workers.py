@@ -27,6 +27,7 @@ from PIL import Image
 from gap3d.config import ImageEncoderConfig, PromptEncoderConfig
 from gap3d.encoders import ImageEncoder, PromptEncoder, build_image_encoder, build_prompt_encoder
 from gap3d.pipeline.decode import DecodedSample, decode_any, read_tar, thumbnail
+from gap3d.pipeline.prompt_inputs import PromptPolicy, assign_prompt_images, encode_prompts
 from gap3d.store import FeatureStore, ShardData
 from gap3d.store.manifest import THUMBNAIL_SIZE
 
@@ -148,7 +149,7 @@ def _encode_valid(enc: Encoders, samples: list[DecodedSample]) -> tuple[np.ndarr
 
     def run(lo: int, hi: int) -> None:
         batch = samples[lo:hi]
-        pb = enc.prompt.encode([s.caption for s in batch], pad_to_max=True)
+        pb = encode_prompts(enc.prompt, batch)  # text, or text + s.prompt_image
         lat[lo:hi], mask[lo:hi] = pb.hidden.numpy(), pb.mask.numpy()
         tok[lo:hi] = enc.image.encode([s.image for s in batch]).numpy()
 
@@ -231,6 +232,7 @@ def encode_shard(
             "with another data.samples_per_shard; use that value or re-download"
         )
     decoded = [decode_any(s, max_image_pixels, max_caption_chars) for s in tar.samples]
+    assign_prompt_images(decoded, PromptPolicy.from_manifest(store.manifest))
     enc = get_encoders(pcfg, icfg)
     timings: dict[str, float] = {}
     data = encode_samples(enc, decoded, timings)
