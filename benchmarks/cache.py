@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from gap3d.config import Gap3dConfig, load_config  # noqa: E402
+from gap3d.encoders.image_input import flatten_alpha, load_image  # noqa: E402
 from gap3d.pipeline.decode import decode_any, read_tar  # noqa: E402
 from gap3d.pipeline.encode import cache  # noqa: E402
 from gap3d.pipeline.workers import get_encoders, tune_malloc  # noqa: E402
@@ -68,11 +69,13 @@ def write_demo_shards(cfg: Gap3dConfig, n_samples: int) -> list[Path]:
     out_dir.mkdir(parents=True)
     S, size = cfg.data.samples_per_shard, cfg.data.download_image_size
     paths = []
+    backdrop = cfg.image_encoder.alpha_background
     for s in range(0, len(rows), S):
         path = out_dir / f"{s // S:05d}.tar"
         with tarfile.open(path, "w") as tf:
             for i, (a, v, cap) in enumerate(rows[s : s + S], start=s):
-                im = Image.open(cfg.assets_dir / v["path"]).convert("RGB")
+                # the demo's alpha policy (renders are RGBA; JPEG has no alpha)
+                im = flatten_alpha(load_image(cfg.assets_dir / v["path"]), backdrop)
                 scale = size / min(im.size)  # keep_ratio: shorter side to download size
                 im = im.resize(
                     (round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS
