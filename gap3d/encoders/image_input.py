@@ -67,11 +67,6 @@ def normalize_mode(image: Image.Image, meta: dict[str, Any] | None = None) -> Im
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def has_alpha(image: Image.Image) -> bool:
-    """True for an image that :func:`normalize_mode` keeps as RGBA."""
-    return normalize_mode(image).mode == "RGBA"
-
-
 def flatten_alpha(image: Image.Image, background: Sequence[int] = BLACK) -> Image.Image:
     """RGB picture: transparent pixels composited onto ``background`` (straight alpha)."""
     image = normalize_mode(image)
@@ -94,11 +89,3 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return normalize_mode(ImageOps.exif_transpose(im))
-
-
-def check_colour(value: Sequence[int], key: str) -> Colour:
-    """``[r, g, b]`` with integers in 0..255, as a tuple; ValueError naming ``key`` otherwise."""
-    vals = list(value)
-    if len(vals) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in vals):
-        raise ValueError(f"{key} must be [r, g, b] with integers 0-255, got {value!r}")
-    return (vals[0], vals[1], vals[2])
