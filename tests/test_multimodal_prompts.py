@@ -112,6 +112,17 @@ def test_a_text_image_prompt_too_long_for_the_cache_falls_back_to_text(qwen) -> 
     torch.testing.assert_close(batch.hidden, text.hidden)
 
 
+def test_rows_record_their_length_even_when_no_row_of_a_batch_got_an_image(qwen) -> None:  # noqa: ANN001
+    samples = [sample("k0", "a0"), sample("k1", "a1")]
+    assign_prompt_images(samples, PromptPolicy(fraction=1e-9))  # active, but nobody drawn
+    assert all(s.prompt_image is None for s in samples)
+    batch = encode_prompts(qwen, samples)
+    plain = qwen.encode([s.caption for s in samples], pad_to_max=True)
+    torch.testing.assert_close(batch.hidden, plain.hidden)
+    for s, m in zip(samples, plain.mask, strict=True):
+        assert s.meta["prompt_modality"] == "text" and s.meta["prompt_tokens"] == int(m.sum())
+
+
 def test_generation_keeps_every_state_of_a_text_image_prompt(tmp_path: Path) -> None:
     from test_pinning import export_for
 

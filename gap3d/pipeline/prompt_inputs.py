@@ -156,11 +156,13 @@ def encode_prompts(encoder: PromptEncoder, samples: Sequence[Any]) -> PromptBatc
     """Prompt latents of ``samples`` padded to ``encoder.max_length``: text, or text + the
     sample's ``prompt_image`` (set by :func:`assign_prompt_images`).
 
-    Without any image this is exactly ``encoder.encode(captions, pad_to_max=True)``.
+    Without a policy (no ``prompt_modality`` in the samples' meta) this is exactly
+    ``encoder.encode(captions, pad_to_max=True)``; with one, every row also records its
+    untruncated length in ``meta["prompt_tokens"]``.
     """
     captions = [s.caption for s in samples]
     images = [getattr(s, "prompt_image", None) for s in samples]
-    if all(im is None for im in images):
+    if not any("prompt_modality" in s.meta for s in samples):  # no policy: text prompts
         return encoder.encode(captions, pad_to_max=True)
     full = encoder.encode(captions, images=images, pad_to_max=False)
     rows = [full.hidden[i, full.mask[i]] for i in range(len(samples))]
