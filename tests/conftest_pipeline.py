@@ -89,7 +89,7 @@ def bad_cases() -> list[BadCase]:
 
     rgba = np.zeros((30, 40, 4), np.uint8)
     rgba[..., 0] = 200
-    rgba[:, 20:, 3] = 255  # left half fully transparent -> must become white
+    rgba[:, 20:, 3] = 255  # left half fully transparent: the alpha must survive decoding
     pal = Image.fromarray(_gradient(40, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
     pal.info["transparency"] = 0
     exif = Image.Exif()
@@ -140,13 +140,13 @@ def bad_cases() -> list[BadCase]:
             "rgba_png",
             {"png": _encode(Image.fromarray(rgba, "RGBA"), "PNG"), "txt": cap},
             meta_keys=("image_mode",),
-            extra={"white_left": True},
+            extra={"alpha_left": True},
         ),
         BadCase(
             "la_png",
             {"png": _encode(Image.fromarray(rgba[..., [0, 3]], "LA"), "PNG"), "txt": cap},
             meta_keys=("image_mode",),
-            extra={"white_left": True},
+            extra={"alpha_left": True},
         ),
         BadCase(
             "exif_rotated",

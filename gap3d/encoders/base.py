@@ -94,11 +94,23 @@ def _batches(n: int, batch_size: int, desc: str) -> Any:
     return tqdm(starts, total=n_batches, desc=desc, disable=n_batches <= _PROGRESS_MIN_BATCHES)
 
 
+def source_info(encoder: Any) -> dict[str, Any]:
+    """``revision`` (the resolved commit for hub models), ``model_id`` (the exact weights)
+    and ``source`` (no local paths) of a backend that pinned its ``self.source``."""
+    source = getattr(encoder, "source", None)
+    if source is None:  # a backend without a model spec (e.g. a registered plugin)
+        return {"revision": encoder.cfg.revision}
+    return {"revision": source.revision, "model_id": source.model_id, "source": source.to_dict()}
+
+
 class PromptEncoder(ABC):
     """A frozen text (or text+image) encoder whose per-token hidden states get cached."""
 
     name: str = ""
     supports_images: bool = False
+    # States before the image in a text+image prompt (a VLM's system turn): the cache's
+    # keep-the-last-max_length truncation may drop these without cutting into the image.
+    image_prefix_tokens: int = 0
 
     def __init__(self, cfg: PromptEncoderConfig) -> None:
         self.cfg = cfg
@@ -159,7 +171,7 @@ class PromptEncoder(ABC):
             "kind": "prompt_encoder",
             "name": self.name,
             "model": self.cfg.model,
-            "revision": self.cfg.revision,
+            **source_info(self),
             "hidden_size": self.hidden_size,
             "max_length": self.max_length,
             "template": self.cfg.template,
@@ -223,7 +235,7 @@ class ImageEncoder(ABC):
             "kind": "image_encoder",
             "name": self.name,
             "model": self.cfg.model,
-            "revision": self.cfg.revision,
+            **source_info(self),
             "image_size": self.cfg.image_size,
             "layout": self.layout.to_dict(),
             "hidden_size": self.layout.channels,

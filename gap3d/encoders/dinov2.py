@@ -5,7 +5,7 @@ last block *before* the model's final norm (``x_prenorm``) and applies ``F.layer
 affine parameters. In transformers' ``Dinov2WithRegistersModel`` that pre-norm tensor is
 ``hidden_states[-1]`` (the encoder records block outputs without tying the last one to
 ``last_hidden_state``, which went through the affine ``layernorm``). Token order is the
-model's: ``[CLS, 4 registers, H*W patches row-major]`` (DESIGN.md).
+model's: ``[CLS, 4 registers, H*W patches row-major]`` (docs/METHOD.md, "Token contract").
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from PIL import Image
 
 from gap3d.config import ImageEncoderConfig
 from gap3d.encoders.base import ImageEncoder, freeze
-from gap3d.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from gap3d.encoders.pinning import pin_source
+from gap3d.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, build_preprocessing
 from gap3d.encoders.resolve import resolve_model_spec
 from gap3d.layout import TokenLayout
 
@@ -40,7 +41,7 @@ class Dinov2RegEncoder(ImageEncoder):
         super().__init__(cfg)
         from transformers import Dinov2WithRegistersModel
 
-        self.source = resolve_model_spec(cfg.model, cfg.revision)
+        self.source = pin_source(resolve_model_spec(cfg.model, cfg.revision))
         model = Dinov2WithRegistersModel.from_pretrained(
             self.source.location, **self.source.pretrained_kwargs()
         )
@@ -58,7 +59,7 @@ class Dinov2RegEncoder(ImageEncoder):
         self.layout = TokenLayout(
             1, int(mcfg.num_register_tokens), grid, grid, int(mcfg.hidden_size)
         )
-        self.preprocessing = Preprocessing(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.preprocessing = build_preprocessing(cfg, IMAGENET_MEAN, IMAGENET_STD)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.preprocessing(images)
@@ -71,7 +72,6 @@ class Dinov2RegEncoder(ImageEncoder):
         d = super().info()
         d.update(
             architecture=type(self.model).__name__,
-            source=self.source.to_dict(),
             preprocessing=self.preprocessing.to_dict(),
             layer=LAYER,
             native_image_size=int(self.model.config.image_size),

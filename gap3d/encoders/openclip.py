@@ -27,6 +27,8 @@ from PIL import Image
 
 from gap3d.config import ImageEncoderConfig, PromptEncoderConfig
 from gap3d.encoders.base import ImageEncoder, PromptEncoder, freeze
+from gap3d.encoders.pinning import pin_source
+from gap3d.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, build_preprocessing
 from gap3d.encoders.resolve import ModelSource, resolve_model_spec
 from gap3d.layout import TokenLayout
 
@@ -79,7 +81,7 @@ class OpenClipTextEncoder(PromptEncoder):
         super().__init__(cfg)
         import open_clip
 
-        self.source = resolve_model_spec(cfg.model, cfg.revision)
+        self.source = pin_source(resolve_model_spec(cfg.model, cfg.revision))
         model_name, pretrained = open_clip_name(self.source)
         model = open_clip.create_model(model_name, pretrained=pretrained)
         self.model = freeze(model, cfg.device, cfg.dtype)
@@ -118,7 +120,6 @@ class OpenClipTextEncoder(PromptEncoder):
         d = super().info()
         d.update(
             architecture=type(self.model).__name__,
-            source=self.source.to_dict(),
             layer="text tokens after ln_final (before pooling/projection)",
             context_length=self.context_length,
             truncation="tokenised at min(max_length, context_length), ends with EOT",
@@ -135,7 +136,7 @@ class OpenClipImageEncoder(ImageEncoder):
         super().__init__(cfg)
         import open_clip
 
-        self.source = resolve_model_spec(cfg.model, cfg.revision)
+        self.source = pin_source(resolve_model_spec(cfg.model, cfg.revision))
         model_name, pretrained = open_clip_name(self.source)
         model, _, self.transform = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, force_image_size=cfg.image_size
@@ -151,9 +152,13 @@ class OpenClipImageEncoder(ImageEncoder):
         gh, gw = visual.grid_size
         width = int(visual.class_embedding.shape[-1])
         self.layout = TokenLayout(1, 0, int(gh), int(gw), width)
+        # mean/std here are unused: open_clip's transform normalises (see info())
+        self.prep = build_preprocessing(cfg, IMAGENET_MEAN, IMAGENET_STD)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.transform(im) for im in images]).float()
+        # open_clip's transform would drop alpha (convert("RGB")); the alpha step (reference
+        # mode) or TRELLIS's crop (trellis mode) comes first, shared with every encoder.
+        return torch.stack([self.transform(self.prep.flatten(im)) for im in images]).float()
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual
@@ -171,9 +176,9 @@ class OpenClipImageEncoder(ImageEncoder):
         interp = getattr(getattr(resize, "interpolation", None), "value", None)
         d.update(
             architecture=type(self.model.visual).__name__,
-            source=self.source.to_dict(),
             layer="[class token, patches] after ln_post (before pooling/proj)",
             preprocessing={
+                **{k: v for k, v in self.prep.to_dict().items() if k not in ("mean", "std")},
                 "image_size": self.cfg.image_size,
                 "resize": type(resize).__name__ if resize is not None else None,
                 "crop": "center",

@@ -33,12 +33,21 @@ KNOWN_PACKAGE_PATHS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model spec: ``location`` is a path (package/tiny/local) or a hub id."""
+    """A resolved model spec: ``location`` is a path (package/tiny/local) or a hub id.
+
+    :func:`gap3d.encoders.pinning.pin_source` fills the pinned fields: the commit a hub
+    revision resolves to (``revision``; the name asked for stays in ``requested_revision``),
+    or the weights' SHA-256 (and a package's version).
+    """
 
     spec: str
     kind: SourceKind
     location: str
     revision: str | None = None
+    requested_revision: str | None = None
+    weights_sha256: str | None = None
+    version: str | None = None
+    pinned: bool = False
 
     @property
     def local_files_only(self) -> bool:
@@ -56,8 +65,22 @@ class ModelSource:
             return {"revision": self.revision} if self.revision else {}
         return {"local_files_only": True}
 
+    @property
+    def model_id(self) -> str:
+        from gap3d.encoders.pinning import model_id
+
+        return model_id(self)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What the manifest records: no absolute path of this machine (a package is named
+        with its version, a folder by its name), plus the pinned commit or weights hash."""
+        d = asdict(self)
+        if self.kind == "hub":
+            d.pop("weights_sha256")
+        else:
+            d["location"] = Path(self.location).name
+        d["model_id"] = self.model_id
+        return d
 
 
 def package_path(package: str) -> Path:

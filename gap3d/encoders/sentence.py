@@ -16,6 +16,7 @@ from PIL import Image
 
 from gap3d.config import PromptEncoderConfig
 from gap3d.encoders.base import PromptEncoder, freeze
+from gap3d.encoders.pinning import pin_source
 from gap3d.encoders.resolve import resolve_model_spec
 
 LAYER = "last_hidden_state (token states, not pooled)"
@@ -31,7 +32,7 @@ class SentencePromptEncoder(PromptEncoder):
         super().__init__(cfg)
         from transformers import AutoModel, AutoTokenizer
 
-        self.source = resolve_model_spec(cfg.model, cfg.revision)
+        self.source = pin_source(resolve_model_spec(cfg.model, cfg.revision))
         kwargs = self.source.pretrained_kwargs()
         self.tokenizer = AutoTokenizer.from_pretrained(self.source.location, **kwargs)
         model = AutoModel.from_pretrained(self.source.location, **kwargs)
@@ -63,7 +64,6 @@ class SentencePromptEncoder(PromptEncoder):
         d = super().info()
         d.update(
             architecture=type(self.model).__name__,
-            source=self.source.to_dict(),
             layer=LAYER,
             truncation="right, at max_length (tokenizer)",
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"  # v2: the tiny Qwen2.5-VL carries the real Qwen2.5-VL chat template
 SEED = 0
 
 # Qwen2.5-VL special-token ids (Qwen2.5-VL config / tokenizer_config.json of the real model).
@@ -57,6 +57,7 @@ def _build_qwen2_5_vl(out: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    from gap3d.encoders.qwen_template import QWEN2_5_VL_CHAT_TEMPLATE
     from gap3d.encoders.resolve import package_path
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -112,6 +113,8 @@ def _build_qwen2_5_vl(out: Path) -> None:
         ),
         video_processor=Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2),
         tokenizer=tokenizer,
+        # the tokenizer files carry Qwen3's template; the model folder gets Qwen2.5-VL's own
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)

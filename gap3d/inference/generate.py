@@ -30,9 +30,13 @@ from gap3d.inference.pca import pca_rgb, save_pca_panel
 
 __all__ = ["GenerateResult", "GenerateSession", "generate", "cli_main", "read_export_manifest"]
 
-# Fields of the prompt encoder that decide what its hidden states *are*. Device, batch size and
-# compute dtype may differ between caching and generation.
-_IDENTITY = ("name", "model", "revision", "template", "max_length")
+# Fields of the prompt encoder config that decide what its hidden states *are*; a config naming
+# other values is refused. Device, batch size and compute dtype may differ between caching and
+# generation. The revision is not compared with the config: the encoder is rebuilt at the
+# recorded (resolved) one, and check_prompt_encoder compares the exact weights afterwards.
+_IDENTITY = ("name", "model", "template", "max_length")
+# Recorded fields the encoder is rebuilt with (the pinned commit, the prompt-image size).
+_REBUILD = (*_IDENTITY, "revision", "image_max_pixels")
 
 
 @dataclass
@@ -85,8 +89,36 @@ def prompt_encoder_config(cfg: Gap3dConfig, manifest: dict[str, Any]) -> PromptE
             f"the aligner was trained on a different prompt encoder than the config names "
             f"({lines}). Use the config of the training run (--config ...) or override those keys."
         )
-    recorded = {k: info[k] for k in _IDENTITY if k in info}
+    recorded = {k: info[k] for k in _REBUILD if k in info}
     return PromptEncoderConfig(**{**mine, **recorded})
+
+
+def check_prompt_encoder(
+    manifest: dict[str, Any], live_info: dict[str, Any], allow_mismatch: bool = False
+) -> list[str]:
+    """Refuse a live prompt encoder whose weights, chat template or settings differ from the
+    one recorded in the aligner's store manifest (``EncoderMismatch``, a ValueError).
+
+    With ``allow_mismatch`` the differences are printed and returned instead. Batch callers
+    run it once per loaded encoder.
+    """
+    from gap3d.encoders.pinning import check_encoder
+
+    recorded = manifest.get("prompt_encoder") or {}
+    diffs = check_encoder("prompt encoder", recorded, live_info, allow_mismatch)
+    for d in diffs:
+        print(f"warning: prompt encoder differs from the aligner's (allowed): {d}")
+    return diffs
+
+
+def prompt_image(image: str | Path | Image.Image, manifest: dict[str, Any]) -> Image.Image:
+    """The picture of a text+image prompt, read and flattened exactly as the cache did:
+    the one conversion path, with the store's alpha background."""
+    from gap3d.encoders.image_input import flatten_alpha, load_image
+
+    prep = (manifest.get("image_encoder") or {}).get("preprocessing") or {}
+    background = prep.get("alpha_background") or [0, 0, 0]
+    return flatten_alpha(load_image(image), [int(v) for v in background])
 
 
 def _supports_images(info: dict[str, Any]) -> bool:
@@ -108,8 +140,10 @@ class GenerateSession:
         aligner_dir: str | Path | None = None,
         device: str | None = None,
         generator: str | None = None,
+        allow_encoder_mismatch: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.allow_encoder_mismatch = allow_encoder_mismatch
         self.aligner_dir = Path(aligner_dir) if aligner_dir else cfg.export_dir
         self.manifest = read_export_manifest(self.aligner_dir)
         self.encoder_cfg = prompt_encoder_config(cfg, self.manifest)
@@ -153,9 +187,12 @@ class GenerateSession:
         if self._encoder is None:
             from gap3d.encoders import build_prompt_encoder
 
-            self._encoder = self._timed(
+            encoder = self._timed(
                 "load_prompt_encoder", lambda: build_prompt_encoder(self.encoder_cfg)
             )
+            # the very weights (and chat template) the aligner was trained on, or a refusal
+            check_prompt_encoder(self.manifest, encoder.info(), self.allow_encoder_mismatch)
+            self._encoder = encoder
         return self._encoder
 
     @property
@@ -176,14 +213,9 @@ class GenerateSession:
             _ = self.generator
 
     def encode(self, prompts: list[str], images: list[Image.Image | None] | None = None) -> Any:
-        batch = self.encoder.encode(prompts, images=images, pad_to_max=True)
-        want = self.aligner.prompt_max_length
-        if batch.hidden.shape[1] != want:
-            raise ValueError(
-                f"prompt encoder returned {batch.hidden.shape[1]} positions but the aligner was "
-                f"trained on {want}; prompt_encoder.max_length must match the store"
-            )
-        return batch
+        """Every state of each prompt, padded to the longest with a mask (the resampler attends
+        with it): a text+image prompt keeps all of its image tokens."""
+        return self.encoder.encode(prompts, images=images, pad_to_max=False)
 
     def sample(
         self,
@@ -214,9 +246,7 @@ class GenerateSession:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("--prompt must be a non-empty text")
         self.check_image_prompt(image)
-        pil = None
-        if image is not None:
-            pil = image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+        pil = None if image is None else prompt_image(image, self.manifest)
         out = Path(out_dir) if out_dir else self.cfg.work / "generate" / _slug(prompt)
         out.mkdir(parents=True, exist_ok=True)
         s = self.cfg.sample
@@ -276,9 +306,16 @@ def generate(
     aligner_dir: str | Path | None = None,
     generator: str | None = None,
     device: str | None = None,
+    allow_encoder_mismatch: bool = False,
 ) -> GenerateResult:
     """One prompt (optionally with an image) -> tokens -> generator outputs under ``out_dir``."""
-    session = GenerateSession(cfg, aligner_dir, device=device, generator=generator)
+    session = GenerateSession(
+        cfg,
+        aligner_dir,
+        device=device,
+        generator=generator,
+        allow_encoder_mismatch=allow_encoder_mismatch,
+    )
     session.check_image_prompt(image)
     return session.run(prompt, image, out_dir)
 
@@ -319,6 +356,7 @@ def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
         out_dir=getattr(args, "out", None),
         aligner_dir=getattr(args, "aligner", None),
         generator=getattr(args, "generator", None),
+        allow_encoder_mismatch=bool(getattr(args, "allow_encoder_mismatch", False)),
     )
     print(_summary(res))
     return 0

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gap3d.config import Gap3dConfig, ImageEncoderConfig
+from gap3d.encoders.image_input import load_image
 from gap3d.layout import TokenLayout
 
 __all__ = [
@@ -108,9 +108,17 @@ def image_encoder_config_from_manifest(
     for key in ("name", "model", "revision"):
         if key in info:
             kw[key] = info[key]
-    size = info.get("image_size") or (info.get("preprocessing") or {}).get("image_size")
+    prep = info.get("preprocessing") or {}
+    size = info.get("image_size") or prep.get("image_size")
     if size:
         kw["image_size"] = int(size)
+    # the store's preprocessing mode and alpha policy (stores before them: reference, black)
+    if prep.get("mode") in ("reference", "trellis"):
+        kw["preprocessing"] = prep["mode"]
+    if isinstance(prep.get("alpha_background"), list):
+        kw["alpha_background"] = [int(v) for v in prep["alpha_background"]]
+    if prep.get("background_removal") in ("rembg", "none"):
+        kw["background_removal"] = prep["background_removal"]
     if "name" not in kw:
         raise ValueError(
             "the store manifest does not name its image encoder ('image_encoder.name'); cannot "
@@ -176,11 +184,17 @@ def build_library_index(
         encoder = build_image_encoder(
             image_encoder_config_from_manifest(manifest, cfg.image_encoder)
         )
+    # the renders must land in the space the aligner generates in: same weights, same
+    # preprocessing and alpha policy as the store, or no index
+    from gap3d.encoders.pinning import check_encoder
+
+    check_encoder("image encoder of the retrieval library", enc_info, encoder.info())
     paths = [r for a in assets for r in a.renders]
     bs = max(1, cfg.image_encoder.batch_size)
     chunks = []
     for i in tqdm(range(0, len(paths), bs), desc="encode library renders", unit="batch"):
-        images = [Image.open(p).convert("RGB") for p in paths[i : i + bs]]
+        # alpha kept: the encoder applies the store's alpha policy (image_input, one path)
+        images = [load_image(p) for p in paths[i : i + bs]]
         chunks.append(encoder.encode(images).float().cpu())
     tokens = torch.cat(chunks)
     layout = TokenLayout.from_dict(layout_d) if layout_d else encoder.layout

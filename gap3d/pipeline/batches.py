@@ -23,6 +23,7 @@ from gap3d.pipeline.decode import DecodedSample, decode_any, thumbnail
 from gap3d.store.manifest import THUMBNAIL_SIZE
 
 T = TypeVar("T")
+GROUP_CAP = 4  # a batch held open for a group grows to at most this many times its size
 
 
 @dataclass
@@ -67,20 +68,36 @@ def decoded_batches(
     max_image_pixels: int,
     max_caption_chars: int,
     preprocess: Callable[[list[Image.Image]], torch.Tensor],
+    group_key: str | None = None,
+    prepare: Callable[[list[DecodedSample]], None] | None = None,
 ) -> Iterator[DecodedBatch]:
-    """Raw webdataset samples -> decoded batches of ``batch_size`` (the last may be short)."""
+    """Raw webdataset samples -> decoded batches of ``batch_size`` (the last may be short).
 
-    def make(raw: list[dict[str, Any]]) -> DecodedBatch:
-        decoded = [decode_any(s, max_image_pixels, max_caption_chars) for s in raw]
+    ``group_key`` (a ``meta`` key, e.g. ``asset_id``): a batch that reached ``batch_size``
+    grows until that key changes, so consecutive samples of a group share a batch (at most
+    ``GROUP_CAP`` times the batch size, which bounds memory). ``prepare`` runs on each batch's
+    decoded samples before preprocessing (e.g. choosing text+image prompts).
+    """
+
+    def make(decoded: list[DecodedSample]) -> DecodedBatch:
+        if prepare is not None:
+            prepare(decoded)
         thumbs = np.stack([thumbnail(d.image, THUMBNAIL_SIZE) for d in decoded])
         return DecodedBatch(decoded, thumbs, _preprocess_valid(decoded, preprocess))
 
-    buf: list[dict[str, Any]] = []
-    for s in samples:
-        buf.append(s)
-        if len(buf) == batch_size:
+    def group(d: DecodedSample) -> Any:
+        return d.meta.get(group_key) if group_key else None
+
+    buf: list[DecodedSample] = []
+    for raw in samples:
+        d = decode_any(raw, max_image_pixels, max_caption_chars)
+        full = len(buf) >= batch_size
+        if full and (
+            group_key is None or group(d) != group(buf[-1]) or len(buf) >= GROUP_CAP * batch_size
+        ):
             yield make(buf)
             buf = []
+        buf.append(d)
     if buf:
         yield make(buf)
 

@@ -1,4 +1,4 @@
-"""Robust decoding of webdataset samples: raw bytes in, a clean RGB image + caption out.
+"""Robust decoding of webdataset samples: raw bytes in, a clean RGB(A) image + caption out.
 
 Web-scale image-text data is dirty: truncated JPEGs, HTML error pages saved as ``.jpg``,
 decompression bombs, 16-bit or CMYK files, captions in Latin-1. The cache stage must never stop
@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from gap3d.encoders.image_input import PREVIEW_BACKGROUND, flatten_alpha, normalize_mode
 
 # The one place that documents reason codes; they are stored per sample in the feature store
 # (``reason``) and counted in its manifest, so they must stay stable across versions.
@@ -48,7 +50,12 @@ _EXIF_ORIENTATION = 0x0112
 
 @dataclass
 class DecodedSample:
-    """One sample after decoding; ``reason == ""`` means valid (``image`` is then RGB)."""
+    """One sample after decoding; ``reason == ""`` means valid.
+
+    ``image`` is then 8-bit ``RGB``, or ``RGBA`` when the picture has transparency (see
+    :func:`gap3d.encoders.image_input.normalize_mode`): consumers hand it to an encoder, which
+    applies its alpha policy, or flatten it themselves with ``flatten_alpha``.
+    """
 
     key: str
     caption: str = ""
@@ -57,6 +64,8 @@ class DecodedSample:
     meta: dict[str, Any] = field(default_factory=dict)
     image: Image.Image | None = None
     reason: str = ""
+    # the picture of a text+image prompt (gap3d.pipeline.prompt_inputs); None = text only
+    prompt_image: Image.Image | None = None
 
     @property
     def valid(self) -> bool:
@@ -65,7 +74,7 @@ class DecodedSample:
     def invalid(self, reason: str) -> DecodedSample:
         """Mark invalid (drops the image so nothing downstream can use it by accident)."""
         assert reason in REASONS, f"undocumented reason code {reason!r}"
-        self.reason, self.image = reason, None
+        self.reason, self.image, self.prompt_image = reason, None, None
         return self
 
 
@@ -97,31 +106,17 @@ def decode_caption(raw: bytes, max_chars: int, meta: dict[str, Any]) -> str:
 
 
 def _to_rgb(im: Image.Image, meta: dict[str, Any]) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; alpha is composited on white (renders and product shots)."""
-    mode = im.mode
-    if mode == "RGB" and "transparency" not in im.info:
-        return im
-    meta["image_mode"] = mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # convert("RGB") clips these at 255; scale to 8 bit instead. "I"/"F" values above 255
-        # are taken as 16-bit data (PNG/TIFF), else as already in the 8-bit range.
-        arr = np.asarray(im, dtype=np.float64)
-        if mode == "F" and np.nanmax(arr, initial=0.0) <= 1.0:
-            arr = arr * 255.0
-        elif mode != "F" and (mode.startswith("I;16") or np.nanmax(arr, initial=0.0) > 255):
-            arr = arr / 257.0
-        arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    """Any PIL mode -> 8-bit RGB, or RGBA when the image has transparency.
+
+    Alpha is kept, not composited here: the image encoder's alpha policy (recorded in the
+    store manifest) decides, through the one conversion path in
+    :mod:`gap3d.encoders.image_input`, exactly as it does for ``generate --image``.
+    """
+    return normalize_mode(im, meta)
 
 
 def decode_image(raw: bytes, max_pixels: int, meta: dict[str, Any]) -> Image.Image | str:
-    """Bytes -> RGB image, or a reason code. Never raises on bad data."""
+    """Bytes -> RGB (or RGBA) image, or a reason code. Never raises on bad data."""
     if len(raw) == 0:
         return "image_empty"
     try:
@@ -219,10 +214,14 @@ def decode_sample(
 
 
 def thumbnail(image: Image.Image | None, size: int = 64) -> np.ndarray:
-    """Centre-cropped ``(size, size, 3)`` uint8 preview; zeros for an invalid sample."""
+    """Centre-cropped ``(size, size, 3)`` uint8 preview; zeros for an invalid sample.
+
+    A preview for people, not encoder input: transparent pixels are shown on white.
+    """
     if image is None:
         return np.zeros((size, size, 3), np.uint8)
-    return np.asarray(ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC), np.uint8)
+    rgb = flatten_alpha(image, PREVIEW_BACKGROUND)
+    return np.asarray(ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC), np.uint8)
 
 
 def decode_any(

@@ -39,7 +39,7 @@ from gap3d.pipeline import captions, render, shapes
 LIBRARY_FILE = "library.json"
 PREVIEW_FILE = "preview.png"
 # Bump when meshes, renders or captions change for the same config: old libraries rebuild.
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2  # 2: renders are RGBA (alpha = object coverage)
 # Columns the demo URL list carries beside url/caption (kept by the download stage).
 DEMO_COLUMNS = ["asset_id", "shape", "colour", "split", "view"]
 RENDER_PROCESSES = 2
@@ -206,6 +206,8 @@ def write_contact_sheet(library: dict[str, Any], root: Path, out: Path, tile: in
     """One tile per asset (first view), a row per shape; held-out assets framed in red."""
     from PIL import Image, ImageDraw
 
+    from gap3d.encoders.image_input import flatten_alpha, load_image
+
     assets = library["assets"]
     rows = library["shapes"]
     per_row = max(sum(1 for a in assets if a["shape"] == s) for s in rows)
@@ -216,10 +218,9 @@ def write_contact_sheet(library: dict[str, Any], root: Path, out: Path, tile: in
         r = rows.index(a["shape"])
         c = col_of.get(a["shape"], 0)
         col_of[a["shape"]] = c + 1
-        with Image.open(root / a["views"][0]["path"]) as im:
-            sheet.paste(
-                im.convert("RGB").resize((tile, tile), Image.BILINEAR), (c * tile, r * tile)
-            )
+        backdrop = tuple(round(255 * v) for v in render.BACKGROUND)
+        im = flatten_alpha(load_image(root / a["views"][0]["path"]), backdrop)
+        sheet.paste(im.resize((tile, tile), Image.BILINEAR), (c * tile, r * tile))
         if a["split"] == "heldout":
             draw.rectangle(
                 [c * tile, r * tile, (c + 1) * tile - 1, (r + 1) * tile - 1],
@@ -311,6 +312,7 @@ def _build(demo: DemoDataConfig, root: Path, fp: str) -> dict[str, Any]:
         "render": {
             "size": demo.render_size,
             "background": list(render.BACKGROUND),
+            "alpha": "object coverage (straight alpha; backdrop colour under alpha 0)",
             "camera_distance": render.CAMERA_DISTANCE,
             "yfov_deg": 40.0,
         },

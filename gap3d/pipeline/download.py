@@ -47,6 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from gap3d.config import Gap3dConfig
+from gap3d.pipeline.url_policy import (
+    img2dataset_header_directives,
+    keep_web_urls,
+    read_rejected,
+    write_rejected,
+)
 
 DONE_MARKER = "_done.json"
 REPORT_FILE = "download_report.json"
@@ -301,7 +307,16 @@ def _img2dataset_options(cfg: Gap3dConfig, extra_cols: list[str]) -> dict[str, A
         "thread_count": d.download_threads,
         "timeout": d.timeout_s,
         "retries": d.retries,
-        "disallowed_header_directives": [],
+        # None = img2dataset's X-Robots-Tag opt-out list (noai, noimageai, ...): see url_policy
+        "disallowed_header_directives": img2dataset_header_directives(
+            d.disallowed_header_directives
+        ),
+        "encode_format": d.encode_format,
+        # img2dataset's quality scale is per format: PNG takes a zlib level 0-9 (lossless)
+        "encode_quality": 3 if d.encode_format == "png" else 95,
+        # off: keep the served bytes (alpha channel included); img2dataset's re-encode mattes
+        # RGBA onto white, which would bake one alpha policy into the shards
+        "disable_all_reencoding": not d.download_reencode,
         "enable_wandb": False,
     }
 
@@ -321,6 +336,14 @@ def plan_partitions(cfg: Gap3dConfig) -> list[PartitionTask]:
     d = cfg.data
     extra = _extra_columns(cfg)
     table = read_url_list(cfg.url_list_path, d.url_col, d.caption_col, extra)
+    table, rejected = keep_web_urls(table, d.url_col)
+    if rejected["rejected"]:
+        print(
+            f"download: left out {rejected['rejected']} row(s) of {cfg.url_list_path} whose URL "
+            f"is not http(s) (first: {rejected['examples'][0]['url']!r})"
+        )
+    if table.num_rows == 0:
+        raise ValueError(f"URL list {cfg.url_list_path} has no http:// or https:// URLs")
     table = _truncate_captions(table, d.caption_col, d.max_caption_chars)
     options = _img2dataset_options(cfg, extra)
     n_parts = -(-table.num_rows // d.partition_rows)
@@ -330,6 +353,7 @@ def plan_partitions(cfg: Gap3dConfig) -> list[PartitionTask]:
     ]
     inputs = cfg.shards_dir / INPUTS_DIR
     inputs.mkdir(parents=True, exist_ok=True)
+    write_rejected(inputs, rejected)
     opts_digest = json.dumps(options, sort_keys=True)
     tasks = []
     for i, idx in enumerate(bounds):
@@ -418,13 +442,14 @@ def download(cfg: Gap3dConfig) -> DownloadReport:
     else:
         print(f"download: all {len(tasks)} partitions already done")
     parts = [results[i] for i in sorted(results)]
-    reasons: Counter[str] = Counter()
+    rejected = read_rejected(cfg.shards_dir / INPUTS_DIR)  # rows never handed to img2dataset
+    reasons: Counter[str] = Counter(rejected["by_reason"])
     for p in parts:
         reasons.update(p.failures)
     report = DownloadReport(
         url_list=str(cfg.url_list_path),
         shards_dir=str(cfg.shards_dir),
-        rows=sum(p.rows for p in parts),
+        rows=sum(p.rows for p in parts) + int(rejected["rejected"]),
         successes=sum(p.successes for p in parts),
         failures_by_reason=dict(reasons.most_common()),
         n_shards=sum(len(p.shards) for p in parts),

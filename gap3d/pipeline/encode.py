@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gap3d.config import Gap3dConfig
+from gap3d.pipeline import prompt_inputs
 from gap3d.pipeline.sources import SourceShard, list_sources, listed_sources
 from gap3d.pipeline.workers import EncodeLimits, ShardReport, encode_shard, encoder_info
 from gap3d.store import FeatureStore, StoreError, StoreSpec
@@ -122,7 +123,7 @@ def store_spec(cfg: Gap3dConfig, info: dict[str, Any], n_shards: int) -> StoreSp
         image_encoder=info["image"],
         prompt_template=cfg.prompt_encoder.template,
         config_hash=cfg.hash(*CACHE_HASH_SECTIONS),
-        extra={"data_source": cfg.data.source},
+        extra={"data_source": cfg.data.source, **prompt_inputs.manifest_extra(cfg)},
         rows_per_file=cfg.store.rows_per_file,
     )
 

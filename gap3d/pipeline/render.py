@@ -1,10 +1,12 @@
 """Headless CPU rendering of the demo meshes (pyrender through Mesa's software EGL).
 
 Why the process dance: an OpenGL context belongs to the thread that made it, and a process
-that forks after creating one hangs (ENV.md). So the parent never touches OpenGL: it spawns
+that forks after creating one hangs (seen with Mesa's EGL). So the parent never touches OpenGL: it spawns
 up to ``processes`` workers, each creates one :class:`pyrender.OffscreenRenderer` in its
 initializer and renders whole assets (all views of one GLB) per task. Output is deterministic:
-fixed cameras, fixed lights, no shadows, supersampled 2x and box-filtered down.
+fixed cameras, fixed lights, no shadows, supersampled 2x and box-filtered down. Renders are
+RGBA PNGs (alpha = object coverage) so that either image-encoder preprocessing mode can use
+them (docs/METHOD.md, "Image preprocessing").
 """
 
 from __future__ import annotations
@@ -85,6 +87,32 @@ def camera_pose(view: ViewSpec, distance: float = CAMERA_DISTANCE) -> np.ndarray
     return look_at(eye)
 
 
+def rgba_from_render(colour: np.ndarray, mask: np.ndarray, factor: int) -> np.ndarray:
+    """Supersampled render ``(H, W, 3)`` uint8 + object mask -> box-downsampled RGBA uint8.
+
+    Alpha is the object's coverage of each output pixel; colour is the object's own colour
+    (straight alpha, the PNG convention), and the backdrop colour where nothing is covered.
+    Compositing the result onto :data:`BACKGROUND` gives the plain box-downsampled render
+    back, so an encoder that flattens alpha onto that colour sees what it saw before renders
+    carried alpha; one that premultiplies onto black (TRELLIS) sees the object alone.
+    """
+    h, w = mask.shape
+    oh, ow = h // factor, w // factor
+
+    def box(a: np.ndarray) -> np.ndarray:
+        a = a[: oh * factor, : ow * factor].astype(np.float64)
+        return a.reshape(oh, factor, ow, factor, *a.shape[2:]).mean(axis=(1, 3))
+
+    alpha = box(mask)
+    premultiplied = box(colour * mask[..., None])
+    backdrop = np.asarray(BACKGROUND, np.float64) * 255.0
+    rgb = np.where(
+        alpha[..., None] > 0, premultiplied / np.maximum(alpha[..., None], 1e-12), backdrop
+    )
+    out = np.concatenate([rgb, alpha[..., None] * 255.0], axis=-1)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 # --------------------------------------------------------------------------------------------
 # worker side: everything below runs in spawned processes only
 # --------------------------------------------------------------------------------------------
@@ -124,8 +152,6 @@ def _render_job(job: RenderJob) -> list[dict[str, Any]]:
     key_node = scene.add(pyrender.DirectionalLight(color=[1.0, 1.0, 1.0], intensity=KEY_LIGHT))
     head_node = scene.add(pyrender.DirectionalLight(color=[1.0, 1.0, 1.0], intensity=HEAD_LIGHT))
 
-    px = _RENDERER.viewport_width
-    out_size = px // SUPERSAMPLE
     stats = []
     for view, out in zip(job.views, job.out_paths, strict=True):
         pose = camera_pose(view)
@@ -133,9 +159,10 @@ def _render_job(job: RenderJob) -> list[dict[str, Any]]:
         scene.set_pose(head_node, pose)
         scene.set_pose(key_node, look_at(pose[:3, :3] @ KEY_DIRECTION))
         colour, depth = _RENDERER.render(scene)
-        img = Image.fromarray(colour[:, :, :3]).resize((out_size, out_size), Image.BOX)
-        img.save(out, format="PNG")
         mask = depth > 0
+        Image.fromarray(rgba_from_render(colour[:, :, :3], mask, SUPERSAMPLE)).save(
+            out, format="PNG"
+        )
         fg = colour[:, :, :3][mask]
         stats.append(
             {

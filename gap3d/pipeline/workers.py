@@ -29,6 +29,7 @@ from PIL import Image
 from gap3d.config import ImageEncoderConfig, PromptEncoderConfig
 from gap3d.encoders import ImageEncoder, PromptEncoder, build_image_encoder, build_prompt_encoder
 from gap3d.pipeline.batches import DecodedBatch, decoded_batches, prefetch
+from gap3d.pipeline.prompt_inputs import PromptPolicy, assign_prompt_images, encode_prompts
 from gap3d.pipeline.sources import SourceShard
 from gap3d.pipeline.tars import TarStream
 from gap3d.store import FeatureStore, ShardData
@@ -167,7 +168,7 @@ def encode_batch(enc: Encoders, batch: DecodedBatch, timings: dict[str, float]) 
 
         def run(sel: list[int]) -> None:
             idx = [rows[i] for i in sel]
-            pb = enc.prompt.encode([samples[i].caption for i in idx], pad_to_max=True)
+            pb = encode_prompts(enc.prompt, [samples[i] for i in idx])  # text (+ prompt_image)
             lat[idx], mask[idx] = pb.hidden.numpy(), pb.mask.numpy()
             tok[idx] = enc.image.encode_pixels(pixels[sel]).numpy()
 
@@ -203,20 +204,28 @@ def encode_samples(
     limits: EncodeLimits,
     timings: dict[str, float] | None = None,
     prefetch_depth: int = 1,
+    policy: PromptPolicy | None = None,
 ) -> Iterator[ShardData]:
     """Raw webdataset samples (in shard order) -> :class:`ShardData` batches, streaming.
 
     Decoding and preprocessing of the next batch run in a background thread
     (``prefetch_depth`` batches ahead) while the encoders work on the current one.
     ``timings["forward_s"]`` (if given) receives the seconds spent in the encoders.
+    ``policy``: the store's text+image prompt policy (``prompt_inputs``); its images are
+    chosen within each batch, and batches are cut between groups (e.g. the views of one
+    asset) so that another view of a sample's object is in its batch.
     """
     timings = {} if timings is None else timings
+    policy = policy or PromptPolicy()
+    other_view = policy.active and policy.source == "other_view"
     batches = decoded_batches(
         raw_samples,
         enc.image.cfg.batch_size,
         limits.max_image_pixels,
         limits.max_caption_chars,
         enc.image.preprocess,
+        group_key=policy.group_key if other_view else None,
+        prepare=(lambda samples: assign_prompt_images(samples, policy)) if policy.active else None,
     )
     for batch in prefetch(batches, prefetch_depth):
         yield encode_batch(enc, batch, timings)
@@ -251,7 +260,8 @@ def encode_shard(
     writer = store.shard_writer(shard_id, source=source.record()).begin()
     timings: dict[str, float] = {}
     n = 0
-    for data in encode_samples(enc, stream, limits, timings, prefetch_depth):
+    policy = PromptPolicy.from_manifest(store.manifest)
+    for data in encode_samples(enc, stream, limits, timings, prefetch_depth, policy):
         n += len(data)
         if n > store.samples_per_shard:
             raise RuntimeError(

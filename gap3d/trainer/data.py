@@ -38,7 +38,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gap3d.config import Gap3dConfig
 from gap3d.trainer.sampler import DataError, StepBatchSampler
-from gap3d.trainer.split import split_store
+from gap3d.trainer.split import SPLIT_FILE, split_store
+
+__all__ = [
+    "SPLIT_FILE",
+    "DataError",
+    "ResumableLoader",
+    "StepBatchSampler",
+    "StoreBatchDataset",
+    "StoreDataModule",
+    "check_store",
+    "make_loader",
+    "split_store",
+]
 
 # --------------------------------------------------------------------------------------------
 # store checks and the train/val split

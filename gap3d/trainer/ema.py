@@ -30,6 +30,7 @@ class EMA:
         self.shadow: dict[str, Tensor] = {
             name: p.detach().float().clone() for name, p in self._tracked(model)
         }
+        self._backup: dict[str, Tensor] | None = None  # the model's own weights while swapped
 
     @staticmethod
     def _tracked(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -48,6 +49,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average (call after each optimiser step)."""
+        if self._backup is not None:
+            raise RuntimeError("EMA.update() while the EMA weights are swapped in (validation)")
         d = self.current_decay()
         params = dict(model.named_parameters())
         for name, value in self._tracked(model):
@@ -68,17 +71,40 @@ class EMA:
         for name, value in self._tracked(model):
             value.copy_(self.shadow[name].to(device=value.device, dtype=value.dtype))
 
+    @property
+    def is_swapped(self) -> bool:
+        """True between :meth:`swap_in` and :meth:`swap_out`."""
+        return self._backup is not None
+
+    @torch.no_grad()
+    def swap_in(self, model: nn.Module) -> None:
+        """Put the EMA weights into ``model``, keeping one copy of its own weights.
+
+        Costs one clone of the weights; call it once per validation run, not per batch.
+        """
+        if self._backup is not None:
+            raise RuntimeError("EMA weights are already swapped in; call swap_out() first")
+        self._backup = {name: v.detach().clone() for name, v in self._tracked(model)}
+        self.copy_to(model)
+
+    @torch.no_grad()
+    def swap_out(self, model: nn.Module) -> bool:
+        """Restore the weights saved by :meth:`swap_in`; False if nothing was swapped in."""
+        if self._backup is None:
+            return False
+        for name, value in self._tracked(model):
+            value.copy_(self._backup[name])
+        self._backup = None
+        return True
+
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily run ``model`` with EMA weights (validation); restores them afterwards."""
-        backup = {name: v.detach().clone() for name, v in self._tracked(model)}
-        self.copy_to(model)
+        """Temporarily run ``model`` with EMA weights; restores them afterwards."""
+        self.swap_in(model)
         try:
             yield model
         finally:
-            with torch.no_grad():
-                for name, value in self._tracked(model):
-                    value.copy_(backup[name])
+            self.swap_out(model)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume (shadow tensors, decay, update count)."""

@@ -7,8 +7,9 @@ Format (``format: gap3d-aligner``, ``format_version: 1``):
   targets were not normalised).
 * ``aligner.json``, written last (its presence marks a complete export): the resolved aligner
   config (sizes, ``n_queries``, ``resampler_depth``, ``normalize_targets``), the token layout,
-  prompt dim / max length, the store manifest the aligner was trained on, the gap3d version, the
-  SHA-256 of the weights file, and ``extra`` (e.g. training step, validation metrics).
+  prompt dim / max length, the store manifest the aligner was trained on, the pinned identity
+  of both encoders (``encoders``: resolved hub commits or weight hashes, from that manifest), the
+  gap3d version, the SHA-256 of the weights file, and ``extra`` (e.g. training step, validation metrics).
 
 :func:`load_aligner` rebuilds the network from the JSON alone, so inference never needs the
 training code or the store.
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from gap3d import __version__
 from gap3d.config import AlignerConfig
+from gap3d.encoders.pinning import encoder_pins
 from gap3d.layout import TokenLayout
 from gap3d.trainer.flow import FlowMatching
 from gap3d.trainer.model import AlignerNet, resolve_aligner_size
@@ -136,6 +138,9 @@ def save_export(
         "prompt_dim": int(prompt_dim),
         "prompt_max_length": int(prompt_max_length),
         "weights_sha256": _sha256(out / WEIGHTS_NAME),
+        # the exact encoders the aligner learned from (resolved hub commits / weight hashes);
+        # gap3d generate and eval refuse others (gap3d/encoders/pinning.py)
+        "encoders": encoder_pins(dict(manifest or {})),
         "manifest": dict(manifest or {}),
         "extra": dict(extra or {}),
     }

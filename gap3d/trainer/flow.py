@@ -182,7 +182,17 @@ class FlowMatching(nn.Module):
             raise ValueError(f"x1 must be {shape}, got {tuple(x1.shape)}")
         x = x1.to(device=device, dtype=torch.float32)
         ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        x0_net = getattr(self.net, "prediction", "v") == "x0"
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
             t = ts[i].expand(b)
-            x = x + (ts[i + 1] - ts[i]) * self.velocity(x, t, cond, mask, cfg_scale).float()
+            v = self.velocity(x, t, cond, mask, cfg_scale).float()
+            if x0_net:
+                # An x0-net returns v = (x - x0_hat) / max(t, X0_T_MIN), so a plain Euler step
+                # with t < X0_T_MIN (the last step whenever steps > 20) would stop short of
+                # x0_hat. Recover x0_hat and move along the straight path through it instead:
+                # x_t' = x + (t' - t) (x - x0_hat) / t, which is x0_hat itself at t' = 0 and the
+                # plain Euler step wherever t >= X0_T_MIN.
+                x0_hat = x - t.clamp_min(X0_T_MIN)[:, None, None] * v
+                v = (x - x0_hat) / ts[i]
+            x = x + (ts[i + 1] - ts[i]) * v
         return x

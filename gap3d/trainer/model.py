@@ -127,7 +127,8 @@ class AlignerNet(nn.Module):
         self.n_queries = cfg.n_queries
         self.resampler_depth = cfg.resampler_depth
         self.prediction = cfg.prediction
-        self.grad_checkpointing = False  # trade compute for memory at paper token counts
+        # aligner.grad_checkpointing: trade compute for memory at paper token counts
+        self.grad_checkpointing = bool(getattr(cfg, "grad_checkpointing", False))
         w, heads, c = self.sizes["width"], self.sizes["heads"], layout.channels
 
         self.patch_embed = nn.Linear(c, w)

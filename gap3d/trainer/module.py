@@ -53,9 +53,18 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
+# Keys inside RESUME_KEYS sections that change how, not what, is computed (may change on resume).
+RUNTIME_KEYS = ("aligner.grad_checkpointing",)
+
+
 def resume_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """The values of :data:`RESUME_KEYS` in a config dict (compared on resume)."""
-    return {k: _get(config, k) for k in RESUME_KEYS}
+    out = {k: _get(config, k) for k in RESUME_KEYS}
+    for key in RUNTIME_KEYS:
+        section, _, leaf = key.rpartition(".")
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != leaf}
+    return out
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -191,12 +200,10 @@ class AlignerModule(pl.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(
             step_seed(self.cfg.seed + 1, batch_idx, self.global_rank)
         )
-        with self.ema.swapped(self.net):
-            x0 = self.normalizer.normalize(gt)
-            val_loss, _ = self.flow.loss(x0, cond, mask, generator=gen)
-            pred = self.flow.sample(
-                cond, mask, steps=ev.steps, cfg_scale=ev.cfg_scale, generator=gen
-            )
+        # The EMA weights were swapped in once for the whole run (on_validation_epoch_start).
+        x0 = self.normalizer.normalize(gt)
+        val_loss, _ = self.flow.loss(x0, cond, mask, generator=gen)
+        pred = self.flow.sample(cond, mask, steps=ev.steps, cfg_scale=ev.cfg_scale, generator=gen)
         pred = self.normalizer.denormalize(pred)
         bs = gt.shape[0]
         metrics = alignment_metrics(pred, gt, self.layout)
@@ -210,12 +217,26 @@ class AlignerModule(pl.LightningModule):
             self.log(f"val_baseline/{k}", float(v), batch_size=bs, sync_dist=True)
         return metrics
 
+    def on_validation_epoch_start(self) -> None:
+        # One swap per validation run: swapping per batch cloned every parameter each time.
+        self.ema.swap_in(self.net)
+
+    def on_validation_epoch_end(self) -> None:
+        self.ema.swap_out(self.net)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # A validation run that raised never reached on_validation_epoch_end: never train on
+        # (or checkpoint) the EMA weights by mistake.
+        self.ema.swap_out(self.net)
+
     # ---------------------------------------------------------------------------- checkpoint
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema.is_swapped:
+            raise RuntimeError("checkpoint requested while the EMA weights are swapped in")
         checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Conditioning resampler: learned queries read the cached VLM hidden states.
 
-Why this module exists (DESIGN.md, "Cache-once vs. learnable queries"): the GAP3D reference
+Why this module exists (docs/METHOD.md, "Cache-once conditioning"): the GAP3D reference
 feeds 64 learnable query embeddings *through* the frozen VLM, so gradients flow through the
 VLM and it must run at every training step, which defeats caching. gap3d caches the VLM's
 hidden states of the whole prompt once (padded to a fixed length, with a mask) and moves the

@@ -31,7 +31,7 @@ from gap3d.layout import TokenLayout
 
 log = logging.getLogger(__name__)
 
-# TRELLIS-image-large conditions on DINOv2 ViT-L/14-reg at 518 px (DESIGN.md).
+# TRELLIS-image-large conditions on DINOv2 ViT-L/14-reg at 518 px (docs/METHOD.md, "Token contract").
 TRELLIS_LAYOUT = TokenLayout(n_cls=1, n_registers=4, grid_h=37, grid_w=37, channels=1024)
 
 INSTALL_HELP = """\
@@ -77,14 +77,28 @@ def _token_stats_warning(tokens: torch.Tensor) -> str | None:
     return None
 
 
-def _load_pipeline(model: str) -> Any:
+def pinned_trellis_path(model: str, revision: str | None) -> tuple[str, str | None]:
+    """``(folder or hub id to load, commit)``: a hub model is fetched at its resolved commit
+    (TRELLIS's own loader always takes the newest files), a local folder is used as is."""
+    if Path(model).expanduser().exists():
+        return str(Path(model).expanduser()), None
+    from huggingface_hub import snapshot_download
+
+    from gap3d.encoders.pinning import resolve_hub_revision
+
+    commit = resolve_hub_revision(model, revision)
+    return snapshot_download(model, revision=commit), commit
+
+
+def _load_pipeline(model: str, revision: str | None = None) -> Any:
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is available.\n" + INSTALL_HELP)
     try:
         from trellis.pipelines import TrellisImageTo3DPipeline
     except ImportError as e:
         raise RuntimeError(f"TRELLIS is not importable ({e}).\n{INSTALL_HELP}") from e
-    pipeline = TrellisImageTo3DPipeline.from_pretrained(model)
+    path, _ = pinned_trellis_path(model, revision)
+    pipeline = TrellisImageTo3DPipeline.from_pretrained(path)
     pipeline.cuda()
     return pipeline
 
@@ -148,7 +162,9 @@ class TrellisGenerator(Generator):
     @property
     def pipeline(self) -> Any:
         if self._pipeline is None:
-            self._pipeline = _load_pipeline(self.settings.trellis_model)
+            self._pipeline = _load_pipeline(
+                self.settings.trellis_model, self.settings.trellis_revision
+            )
         return self._pipeline
 
     def sampler_params(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -187,6 +203,7 @@ class TrellisGenerator(Generator):
         files = [s["glb"] for s in samples] + [p for s in samples for p in s.get("previews", [])]
         return {
             "model": self.settings.trellis_model,
+            "revision": self.settings.trellis_revision,
             "sparse_structure_sampler": ss_params,
             "slat_sampler": slat_params,
             "samples": samples,
