@@ -43,7 +43,16 @@ def create_store(location: StoreLocation, spec: StoreSpec, overwrite: bool = Fal
             "choose a new store path"
         )
     store = location.open_zarr_store()
-    group = zarr.open_group(store=store, mode="w", zarr_format=3, attributes={CREATING_KEY: True})
+    try:
+        group = zarr.open_group(
+            store=store, mode="w", zarr_format=3, attributes={CREATING_KEY: True}
+        )
+    except FileNotFoundError as e:  # object stores: the bucket itself is missing
+        bucket = location.path.split("/", 1)[0]
+        raise StoreError(
+            f"cannot create {location}: {e}. Create the bucket '{bucket}' first (gap3d never "
+            "creates buckets), or check the endpoint (AWS_ENDPOINT_URL) and credentials"
+        ) from e
     layout = create_arrays(group, spec)
     group.create_group("commits")
     # The manifest goes in last: a store without it was never finished.
