@@ -77,8 +77,10 @@ generate: ## PROMPT="..." [IMAGE=path] [OUT=folder]: prompt -> tokens -> 3D asse
 demo: ## the whole embedded demo: data -> download -> cache -> train -> eval -> generate
 	$(GAP3D) demo --config $(CONFIG) $(ARGS)
 
-bench: ## run the benchmarks and write benchmarks/results/*.json
+bench: ## run the benchmarks and write benchmarks/results/*.json|md
 	$(BIN)/python benchmarks/store.py
+	$(BIN)/python benchmarks/codecs.py
+	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/generate.py

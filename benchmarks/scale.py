@@ -481,6 +481,9 @@ def main() -> None:
     if "rerun" in only:
         res["rerun"] = bench_rerun(args.rerun_shards)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS / "scale.json"
+    if args.only and previous.exists():  # a partial run keeps the other sections' results
+        res = {**json.loads(previous.read_text()), **res}
     (RESULTS / "scale.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (RESULTS / "scale.md").write_text(md + "\n")

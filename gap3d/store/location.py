@@ -2,7 +2,7 @@
 
 A store is addressed by a URL: a local path (``work/demo/features.zarr``), ``file://…``,
 ``s3://bucket/prefix/features.zarr``, ``gs://bucket/…``, or ``memory://name`` (one process
-only; for tests). Everything the store does goes through :attr:`StoreLocation.zarr_store`
+only; for tests). Everything the store does goes through :meth:`StoreLocation.open_zarr_store`
 (zarr's ``LocalStore`` for local paths, ``FsspecStore`` for the rest: s3fs, gcsfs, fsspec's
 memory filesystem) so creation, the manifest, commit records and statistics work the same on a
 laptop and on object storage. Training reads go through tensorstore (see ``reader.py``), which
@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -120,11 +119,6 @@ class StoreLocation:
         return f"{self.url.rstrip('/')}/{name}"
 
     # ------------------------------------------------------------------ zarr
-    @cached_property
-    def zarr_store(self) -> Any:
-        """zarr's store object for this location (not cached across processes: see below)."""
-        return self.open_zarr_store()
-
     def open_zarr_store(self, read_only: bool = False) -> Any:
         """A fresh zarr store: ``LocalStore`` for local paths, ``FsspecStore`` otherwise.
 
