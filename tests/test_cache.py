@@ -193,7 +193,9 @@ def test_tiny_demo_end_to_end(tiny_data, tmp_path: Path, capsys: pytest.CaptureF
     store = FeatureStore.open(store_path)
     first = read_tar(tiny_data.shards[0])
     rows = store.read(np.arange(len(first.samples)), fields=["key", "caption", "meta", "split"])
-    assert rows["key"] == [s["__key__"] for s in first.samples]
+    # keys carry the partition: img2dataset numbers them per partition, the store needs them
+    # unique (the train/val split is a function of the key)
+    assert rows["key"] == [f"part-00000/{s['__key__']}" for s in first.samples]
     assert rows["caption"] == [s["txt"].decode() for s in first.samples]
     assert all("asset_id" in m and "shape" in m for m in rows["meta"])
     splits = {s for i in store.indices() for s in store.read([i], fields=["split"])["split"]}

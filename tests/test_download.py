@@ -344,5 +344,6 @@ def test_appended_rows_add_partitions_and_never_move_old_ones(tmp_path: Path) ->
     got = downloaded_sources(cfg)
     assert [s.shard_id for s in got] == [0, 1, 2, 3]
     assert isinstance(got[3], SourceShard) and got[3].fingerprint["size"] == 2
+    assert got[3].key_prefix == "part-00001/" and got[0].key_prefix == "part-00000/"
     (dl.partition_dir(cfg.shards_dir, 0) / dl.DONE_MARKER).unlink()
     assert [s.shard_id for s in downloaded_sources(cfg)] == [3]

@@ -47,6 +47,9 @@ class SourceShard:
     shard_id: int
     url: str
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    # prepended to the tar's sample keys so that keys are unique in the store: img2dataset
+    # numbers keys per invocation, and gap3d download runs one per partition
+    key_prefix: str = ""
 
     def record(self) -> dict[str, Any]:
         """What goes into the commit record (credentials and query strings removed)."""
@@ -98,7 +101,9 @@ def downloaded_sources(cfg: Gap3dConfig) -> list[SourceShard]:
         for name in sorted(marker["shards"]):
             j = int(Path(name).stem)
             path = part / name
-            out.append(SourceShard(p * per_part + j, str(path), fingerprint(str(path))))
+            out.append(
+                SourceShard(p * per_part + j, str(path), fingerprint(str(path)), f"{part.name}/")
+            )
     return sorted(out, key=lambda s: s.shard_id)
 
 

@@ -262,6 +262,8 @@ def encode_shard(
     n = 0
     policy = PromptPolicy.from_manifest(store.manifest)
     for data in encode_samples(enc, stream, limits, timings, prefetch_depth, policy):
+        if source.key_prefix:  # keys unique across the store: the train/val split hashes them
+            data.key = [source.key_prefix + k for k in data.key]
         n += len(data)
         if n > store.samples_per_shard:
             raise RuntimeError(
