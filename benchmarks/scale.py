@@ -358,8 +358,11 @@ for i in range(n):
         tf.addfile(info, io.BytesIO(data))
     paths.append(str(p))
 lay = TokenLayout(1, 4, 37, 37, 1024)
+from gap3d.config import load_config
+from gap3d.pipeline.encode import encoders_config_hash
+extra = {"encoders_config": encoders_config_hash(load_config("tiny"))}  # what `cache` compares
 spec = StoreSpec(layout=lay, prompt_dim=2048, prompt_max_length=128, n_shards=n,
-                 samples_per_shard=1, encoding="int8", compression="none")
+                 samples_per_shard=1, encoding="int8", compression="none", extra=extra)
 store = FeatureStore.create(root / "store.zarr", spec)
 rng = np.random.default_rng(0)
 for src in listed_sources(paths):

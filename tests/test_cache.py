@@ -24,7 +24,7 @@ from gap3d.cli import main as cli_main
 from gap3d.pipeline.decode import decode_sample
 from gap3d.pipeline.encode import cache
 from gap3d.pipeline.workers import get_encoders
-from gap3d.store import FeatureStore
+from gap3d.store import FeatureStore, StoreError
 from gap3d.store import describe as inspect_stage
 
 KEEP = 5  # complete samples before the damage in the truncated tar
@@ -117,6 +117,19 @@ def test_rerun_skips_and_failed_shard_exits_nonzero(bad_run, tmp_path: Path) -> 
     same = [root / "00000.tar", root / "00001.tar"]
     again = cache(cfg, client=client, shards=same)
     assert again.ok and again.skipped == [0, 1] and not again.done
+    # other encoder settings never take the shortcut of a complete store: they are refused
+    other = tiny_config(
+        Path(cfg.workdir),
+        **{
+            "data.samples_per_shard": 32,
+            "data.max_image_pixels": MAX_PIXELS,
+            "data.max_caption_chars": MAX_CAPTION,
+            "cluster.processes": False,
+            "image_encoder.image_size": 28,
+        },
+    )
+    with pytest.raises(StoreError, match="image_encoder"):
+        cache(other, client=client, shards=same)
     # A grown shard list with one unreadable tar: that shard fails, the other one commits.
     (tmp_path / "junk.tar").write_bytes(b"<html>not a tar</html>" * 40)
     grown = [*same, tmp_path / "junk.tar", write_shard_tar(tmp_path / "c.tar", cases[:3])]

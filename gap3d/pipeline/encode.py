@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
+import json
 import os
 import sys
 import time
@@ -33,6 +35,7 @@ from gap3d.store import FeatureStore, StoreError, StoreSpec
 __all__ = ["CacheReport", "cache", "cli_main", "store_spec"]
 
 CACHE_HASH_SECTIONS = ("prompt_encoder", "image_encoder", "data")
+RUNTIME_KEYS = ("device", "batch_size")  # encoder settings that do not change the features
 # Environment of the LocalCluster's worker processes (read by the nanny when it spawns them).
 # One malloc arena: the encoders run in a Dask executor thread, and glibc's per-thread arenas
 # made the same forward pass ~18% slower there than in a main thread (benchmarks/cache.py).
@@ -109,6 +112,16 @@ class CacheReport:
         return "\n".join(lines)
 
 
+def encoders_config_hash(cfg: Gap3dConfig) -> str:
+    """Hash of the encoder settings that change what features are (runtime knobs such as the
+    device and batch sizes left out): a complete store with the same hash needs no encoder."""
+    d = {
+        role: {k: v for k, v in getattr(cfg, role).__dict__.items() if k not in RUNTIME_KEYS}
+        for role in ("prompt_encoder", "image_encoder")
+    }
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def store_spec(cfg: Gap3dConfig, info: dict[str, Any], n_shards: int) -> StoreSpec:
     """The store spec from the encoders' own description (``workers.encoder_info``)."""
     return StoreSpec(
@@ -123,7 +136,11 @@ def store_spec(cfg: Gap3dConfig, info: dict[str, Any], n_shards: int) -> StoreSp
         image_encoder=info["image"],
         prompt_template=cfg.prompt_encoder.template,
         config_hash=cfg.hash(*CACHE_HASH_SECTIONS),
-        extra={"data_source": cfg.data.source, **prompt_inputs.manifest_extra(cfg)},
+        extra={
+            "data_source": cfg.data.source,
+            "encoders_config": encoders_config_hash(cfg),
+            **prompt_inputs.manifest_extra(cfg),
+        },
         rows_per_file=cfg.store.rows_per_file,
     )
 
@@ -250,8 +267,14 @@ def cache(
     check = check_sources(store, sources)
     if (check.changed or check.removed) and cfg.data.on_source_change == "refuse":
         _refuse_changes(check, str(cfg.store_path))
-    if store is not None and not check.todo and not check.removed:
-        # Complete and unchanged: O(shards) metadata work, no cluster, no token read.
+    same_encoders = store is not None and (
+        (store.manifest.get("extra") or {}).get("encoders_config") == encoders_config_hash(cfg)
+        and store.encoding == cfg.store.encoding
+        and store.samples_per_shard == cfg.data.samples_per_shard
+    )
+    if same_encoders and not check.todo and not check.removed:
+        # Complete and unchanged: O(shards) metadata work, no cluster, no token read. (Other
+        # encoder settings take the normal path, where open_or_create checks the encoders.)
         report.skipped = check.unchanged
         report.store_invalid = _record_counts(store)
         report.seconds = time.perf_counter() - t0
