@@ -15,7 +15,7 @@ export PYOPENGL_PLATFORM ?= egl
 GAP3D := $(BIN)/gap3d
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-all lint format demo-data data cache inspect train resume export eval generate demo bench clean
+.PHONY: help setup lock test test-all lint format demo-data data cache inspect train resume export eval generate demo bench plan clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -77,11 +77,15 @@ generate: ## PROMPT="..." [IMAGE=path] [OUT=folder]: prompt -> tokens -> 3D asse
 demo: ## the whole embedded demo: data -> download -> cache -> train -> eval -> generate
 	$(GAP3D) demo --config $(CONFIG) $(ARGS)
 
-bench: ## run the benchmarks and write benchmarks/results/*.json
+bench: ## run the benchmarks and write benchmarks/results/*.json (+ the calibration of CONFIG)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/generate.py
+	$(GAP3D) bench --config $(CONFIG) --out benchmarks/results/calibration-$(CONFIG).json $(ARGS)
+
+plan: ## ARGS="--pairs N [--gpus K] [--gpu h100] [--calibration FILE]": cost of a run of CONFIG
+	$(GAP3D) plan --config $(CONFIG) $(if $(wildcard benchmarks/results/calibration-$(CONFIG).json),$(if $(findstring --calibration,$(ARGS)),,--calibration benchmarks/results/calibration-$(CONFIG).json)) $(ARGS)
 
 clean: ## remove work/ outputs of CONFIG (keeps .venv)
 	rm -rf work/$(CONFIG)

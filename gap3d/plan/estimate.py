@@ -352,11 +352,11 @@ class Planner:
             bytes_tok = self.storage()["combos"][self.storage()["configured"]]["groups"][
                 "image tokens"
             ]["bytes_per_sample"]
-            rate = (self.cal.get("store") or {}).get("read_mb_s") or DISK_MB_S
+            rate, how = self._disk_rate("read_mb_s")
             finalize = Fig(
                 N * bytes_tok / (rate * 1e6),
                 ANALYTIC,
-                f"statistics pass reads the image tokens once at {rate:.0f} MB/s",
+                f"statistics pass reads the image tokens once at {rate:.0f} MB/s ({how})",
             )
         per_worker = self._shard_loads()
         tasks = per_worker * t.value
@@ -373,6 +373,15 @@ class Planner:
             "source": t.source,
             "memory": self._encode_memory(enc),
         }
+
+    def _disk_rate(self, key: str) -> tuple[float, str]:
+        """Store/checkpoint disk speed (MB/s): measured where the calibration is the target
+        machine's, else an assumption (the calibration machine's disk says nothing about the
+        GPU nodes' storage)."""
+        rate = (self.cal.get("store") or {}).get(key)
+        if rate and self.t.measured:
+            return float(rate), "measured"
+        return DISK_MB_S, "assumed"
 
     def _peak_flops(self) -> float:
         if self.t.spec is not None:
@@ -454,8 +463,11 @@ class Planner:
 
     # ------------------------------------------------------------------ training
     def train_rows(self) -> tuple[int, int]:
-        """(train, val) samples the split makes of the pairs (all split 'train')."""
+        """(train, val) samples the trainer's split makes of the pairs: all of them are
+        ``train`` samples, except the demo's held-out (shape, colour) combinations."""
         n = self.inp.pairs
+        if self.cfg.data.source == "demo":
+            n = max(2, round(n * (1 - self.cfg.data.demo.heldout_fraction)))
         n_val = val_rows(self.cfg, n)
         return n - n_val, n_val
 
@@ -530,7 +542,7 @@ class Planner:
         b = sum(
             per.get(n, 0) for n in ("image_tokens", "image_scale", "prompt_latents", "prompt_mask")
         )
-        rate = (self.cal.get("store") or {}).get("read_mb_s") or DISK_MB_S
+        rate, _ = self._disk_rate("read_mb_s")
         return cfg.train.batch_size * b / (rate * 1e6)
 
     def sample_time(self, cfg: Gap3dConfig | None = None) -> Fig:
@@ -597,11 +609,11 @@ class Planner:
                 ANALYTIC,
                 f"{n_val_runs} runs x {batches} batch(es) x ({cfg.eval.steps} Euler steps + loss)",
             )
-            rate = (self.cal.get("store") or {}).get("write_mb_s") or DISK_MB_S
+            rate, how = self._disk_rate("write_mb_s")
             ckpt = Fig(
                 n_periods * 2 * ckpt_bytes / (rate * 1e6),
                 ANALYTIC,
-                f"{ckpt_bytes / 1e9:.1f} GB x 2 files per period at {rate:.0f} MB/s",
+                f"{ckpt_bytes / 1e9:.1f} GB x 2 files per period at {rate:.0f} MB/s ({how})",
             )
             startup = Fig(STARTUP_S, ANALYTIC, "process start, data module, first step (assumed)")
         compute = steps * step.value

@@ -4,9 +4,10 @@
   models (and their ``shapes:`` stand-ins) are known from their published architecture
   (``gap3d.encoders.shapes``); anything else local is built with the real encoder code and
   asked (cheap for the tiny and demo models); an unknown hub model needs ``gap3d bench``.
-* :func:`analytic_encoder_cost`: FLOPs, parameters and weight bytes per sample of the paper's
-  encoders at full depth, counted with ``FlopCounterMode`` on models built without weights
-  (meta device; uninitialised 1- and 2-layer copies for Qwen, extrapolated per layer).
+* :func:`analytic_encoder_cost`: FLOPs, parameters, weight and activation bytes per sample of
+  the paper's encoders at full depth: parameters counted on the meta device; FLOPs and
+  activations on one real CPU forward of 1- and 2-layer copies with zeroed weights (no
+  download, ~1 s), extrapolated per layer.
 """
 
 from __future__ import annotations
@@ -75,78 +76,86 @@ def _built(name: str, model: str, size: int, role: str) -> Any:
     return int(enc.hidden_size)
 
 
-def _count(fn: Any) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+def _forward_cost(model: Any, run: Any) -> tuple[float, float]:
+    """``(FLOPs, peak activation bytes)`` of one real forward of ``model`` (weights zeroed:
+    values do not matter, shapes and kernels do)."""
+    from gap3d.plan.trace import LiveBytes
 
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    return float(counter.get_total_flops())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    live = LiveBytes()
+    for t in (*model.parameters(), *model.buffers()):
+        live.add(t)  # known, so that views of weights are not taken for new tensors
+    weights = live.current
+    with live, torch.no_grad():
+        run()
+    return float(live.flops), float(live.peak - weights)
+
+
+def _per_layer(costs: dict[int, tuple[float, float]], full: int) -> tuple[float, float]:
+    """Costs measured at 1 and 2 layers, extrapolated to ``full`` layers."""
+    (f1, a1), (f2, a2) = costs[1], costs[2]
+    return f1 + (f2 - f1) * (full - 1), a1 + (a2 - a1) * (full - 1)
 
 
 @functools.lru_cache(maxsize=16)
 def _dinov2_cost(image_size: int) -> dict[str, float]:
+    """DINOv2-L/14-reg per image: one real float32 forward of 1- and 2-layer copies (CPU
+    kernels: flash attention, so no T x T matrix), extrapolated to the 24 layers."""
     from transformers import Dinov2WithRegistersModel
 
     from gap3d.encoders.shapes import dinov2_config
-    from gap3d.plan.trace import LiveBytes
 
-    out: dict[str, float] = {}
+    costs = {}
     for layers in (1, 2):
         c = dinov2_config()
         c.num_hidden_layers = layers
         with torch.device("meta"):
             m = Dinov2WithRegistersModel(c).eval()
-            x = torch.randn(1, 3, image_size, image_size)
-        live = LiveBytes()
-        with live:
-            flops = _count(lambda m=m, x=x: m(pixel_values=x, output_hidden_states=True))
-        out[f"flops{layers}"], out[f"act{layers}"] = flops, float(live.peak)
+        m = m.to_empty(device="cpu")
+        x = torch.zeros(1, 3, image_size, image_size)
+        costs[layers] = _forward_cost(
+            m, lambda m=m, x=x: m(pixel_values=x, output_hidden_states=True)
+        )
     full = dinov2_config().num_hidden_layers
-    per_layer = out["flops2"] - out["flops1"]
+    flops, act = _per_layer(costs, full)
     with torch.device("meta"):
         params = sum(p.numel() for p in Dinov2WithRegistersModel(dinov2_config()).parameters())
-    return {
-        "flops_per_sample": out["flops1"] + per_layer * (full - 1),
-        # activations of one image at inference (output_hidden_states keeps every layer's)
-        "activation_bytes_per_sample": out["act1"] + (out["act2"] - out["act1"]) * (full - 1),
-        "params": float(params),
-    }
+    # (output_hidden_states keeps every layer's output alive until the forward returns)
+    return {"flops_per_sample": flops, "activation_bytes_per_sample": act, "params": float(params)}
 
 
 @functools.lru_cache(maxsize=16)
 def _qwen_cost(tokens: int) -> dict[str, float]:
+    """Qwen2.5-VL-3B per prompt of ``tokens`` tokens: real float32 forwards of uninitialised
+    1- and 2-layer copies (small vocabulary: a lookup costs no FLOPs), extrapolated to 36."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from gap3d.encoders.shapes import QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION, qwen_config
 
-    flops = {}
+    costs = {}
     for layers in (1, 2):
         c = qwen_config(layers=layers)
-        c.text_config.vocab_size = 1024  # the lookup costs no FLOPs; keep the copy small
+        c.text_config.vocab_size = 1024
         with torch.device("meta"):
             m = Qwen2_5_VLForConditionalGeneration(c).eval()
-        m = m.to_empty(device="cpu")  # uninitialised: the mask code needs real tensors
+        m = m.to_empty(device="cpu")  # the mask code needs real tensors
         ids = torch.randint(0, 1000, (1, tokens))
         am = torch.ones(1, tokens, dtype=torch.long)
-        flops[layers] = _count(
-            lambda m=m, ids=ids, am=am: m.model(input_ids=ids, attention_mask=am, use_cache=False)
+        costs[layers] = _forward_cost(
+            m,
+            lambda m=m, ids=ids, am=am: m.model(input_ids=ids, attention_mask=am, use_cache=False),
         )
     full = QWEN2_5_VL_3B_TEXT["num_hidden_layers"]
+    flops, act = _per_layer(costs, full)
     # Parameters of the real model: text (full depth, tied embeddings) + full vision tower.
     full_cfg = qwen_config(layers=full)
-    vdepth = QWEN2_5_VL_3B_VISION["depth"]
-    full_cfg.vision_config.depth = vdepth
+    full_cfg.vision_config.depth = QWEN2_5_VL_3B_VISION["depth"]
     full_cfg.vision_config.fullatt_block_indexes = QWEN2_5_VL_3B_VISION["fullatt_block_indexes"]
     with torch.device("meta"):
         params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(full_cfg).parameters())
-    h, inter = QWEN2_5_VL_3B_TEXT["hidden_size"], QWEN2_5_VL_3B_TEXT["intermediate_size"]
-    return {
-        "flops_per_sample": flops[1] + (flops[2] - flops[1]) * (full - 1),
-        # one layer's working set per token (hidden + gate/up projections) in the model dtype
-        "activation_elems_per_sample": float(tokens * (2 * h + 2 * inter)),
-        "params": float(params),
-    }
+    return {"flops_per_sample": flops, "activation_bytes_per_sample": act, "params": float(params)}
 
 
 def analytic_encoder_cost(cfg: Gap3dConfig, role: str, tokens: int | None = None) -> dict[str, Any]:
@@ -157,14 +166,14 @@ def analytic_encoder_cost(cfg: Gap3dConfig, role: str, tokens: int | None = None
             raise UnknownModelError(f"no analytic cost model for image encoder '{ic.model}'")
         c = dict(_dinov2_cost(ic.image_size))
         nbytes = _DTYPE_BYTES[ic.dtype]
-        c["activation_bytes_per_sample"] *= nbytes / 4  # traced in float32
+        c["activation_bytes_per_sample"] *= nbytes / 4  # measured in float32
     else:
         pc = cfg.prompt_encoder
         if not (pc.name == "qwen2_5_vl" and _arch(pc.model) == "qwen2_5_vl_3b_2layers"):
             raise UnknownModelError(f"no analytic cost model for prompt encoder '{pc.model}'")
         c = dict(_qwen_cost(int(tokens or DEFAULT_PROMPT_TOKENS)))
         nbytes = _DTYPE_BYTES[pc.dtype]
-        c["activation_bytes_per_sample"] = c.pop("activation_elems_per_sample") * nbytes
+        c["activation_bytes_per_sample"] *= nbytes / 4  # measured in float32
         c["tokens_per_prompt"] = float(tokens or DEFAULT_PROMPT_TOKENS)
     c["weight_bytes"] = c["params"] * nbytes
     return c

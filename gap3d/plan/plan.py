@@ -227,12 +227,51 @@ def make_plan(
         "memory": memory,
         "notes": notes,
     }
+    if calibration and calibration.get("paper_shapes"):
+        plan["paper_shapes"] = paper_shapes_summary(calibration)
     if knobs:
         say("knobs")
         plan["knobs"] = _knobs(cfg, inp, planner, grad_ckpt)
     plan["warnings"] = _warnings(cfg, plan, disk_bytes)
     plan["sources"] = _sources(plan)
     return plan
+
+
+def paper_shapes_summary(cal: dict[str, Any]) -> dict[str, Any]:
+    """What a ``--paper-shapes`` calibration measured at the paper's true tensor sizes."""
+    enc = cal.get("encode", {})
+    st = cal.get("store", {})
+    probes = []
+    for p in cal.get("train", {}).get("step_probes", []):
+        m = p.get("measured")
+        row = {
+            "preset": p["aligner"]["preset"],
+            "batch": p["batch"],
+            "grad_ckpt": p["grad_ckpt"],
+            "precision": p["precision"],
+            "traced_peak": p["traced"]["peak"],
+            "params": p["traced"]["params"],
+        }
+        if m:
+            # resident memory the step added to the process (tensors + malloc overhead)
+            row["measured_peak"] = m.get("cuda_peak_allocated") or (m["peak_rss"] - m["rss_start"])
+            row["step_s"] = m["step_s"]
+        else:
+            row["skipped"] = p.get("skipped") or p.get("error", "")[:120]
+        probes.append(row)
+    combo = cal.get("bench_config", {}).get("store", {})
+    key = f"{combo.get('encoding', 'float16')}/{combo.get('compression', 'none')}"
+    return {
+        "device": calib.device_label(cal),
+        "bytes_per_sample": {c: sum(v.values()) for c, v in st.get("on_disk", {}).items()},
+        "configured": key,
+        "encode_worker_peak_rss": enc.get("worker_peak_rss"),
+        "encode_batch_sizes": {
+            r: enc.get(f"{r}_encoder", {}).get("batch_size") for r in ("prompt", "image")
+        },
+        "encode_samples": enc.get("samples"),
+        "aligner_probes": probes,
+    }
 
 
 def _summary(planner: Planner) -> dict[str, Any]:
@@ -303,6 +342,15 @@ def _warnings(cfg: Gap3dConfig, plan: dict[str, Any], disk_bytes: float | None) 
         out.append(
             f"MEMORY: the encoders need {dev_peak / 1e9:.1f} GB per GPU at their batch sizes; "
             "lower prompt_encoder.batch_size / image_encoder.batch_size"
+        )
+    parts = plan["encode"]["parts"]
+    if plan["target"]["kind"] == "cuda" and parts["host"]["value"] > 2 * parts["forward"]["value"]:
+        busy = parts["forward"]["value"] / (parts["host"]["value"] + parts["forward"]["value"])
+        out.append(
+            f"ENCODE: host-bound: a task spends {parts['host']['value'] * 1e3:.0f} ms/sample on "
+            f"the CPU (decode, preprocess, write) and {parts['forward']['value'] * 1e3:.1f} ms on "
+            f"the GPU, which is busy {busy:.0%} of the time; the encode GPU-hours are mostly "
+            "waiting (faster host CPUs or overlapping decode with the forward pay off)"
         )
     limit = _parse_bytes(cfg.cluster.memory_limit)
     host = enc_mem["host_peak"]["value"]

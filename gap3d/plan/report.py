@@ -154,6 +154,53 @@ def format_text(plan: dict[str, Any]) -> str:
     lines += ["  " + r for r in _table(rows, ["", "no checkpointing", "gradient checkpointing"])]
     lines.append(f"  peak: {a['peak']['source']}: {a['peak']['note']}")
 
+    ps = plan.get("paper_shapes")
+    if ps:
+        lines += [
+            "",
+            f"PAPER SHAPES (measured on {ps['device']} with random-weight models of the real "
+            "architectures)",
+            "  bytes/sample on disk: "
+            + ", ".join(
+                f"{c}{'*' if c == ps['configured'] else ''} {fmt_bytes(b)}"
+                for c, b in ps["bytes_per_sample"].items()
+            ),
+            f"  encode worker peak memory {fmt_bytes(ps['encode_worker_peak_rss'])} (prompt batch "
+            f"{ps['encode_batch_sizes']['prompt']}, image batch {ps['encode_batch_sizes']['image']})",
+        ]
+        rows = []
+        for p in ps["aligner_probes"]:
+            label = (
+                f"{p['preset']} b{p['batch']}{' ckpt' if p['grad_ckpt'] else ''} {p['precision']}"
+            )
+            if "measured_peak" in p:
+                rows.append(
+                    [
+                        label,
+                        f"{p['params'] / 1e6:.0f} M",
+                        fmt_bytes(p["measured_peak"]),
+                        fmt_bytes(p["traced_peak"]),
+                        f"{p['measured_peak'] / p['traced_peak']:.2f}",
+                        fmt_s(p["step_s"]),
+                    ]
+                )
+            else:
+                rows.append(
+                    [
+                        label,
+                        f"{p['params'] / 1e6:.0f} M",
+                        "-",
+                        fmt_bytes(p["traced_peak"]),
+                        "-",
+                        p["skipped"],
+                    ]
+                )
+        lines += [
+            "  " + r
+            for r in _table(
+                rows, ["aligner step", "params", "measured", "traced", "ratio", "s/step"]
+            )
+        ]
     if plan.get("knobs"):
         lines += ["", "KNOBS (one change at a time)"]
         rows = []
@@ -211,6 +258,25 @@ def write_outputs(plan: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return j, md
 
 
+def other_machine(cal: dict[str, Any]) -> str | None:
+    """A sentence if ``cal`` was measured on a machine unlike this one, else None."""
+    from gap3d.plan.hardware import describe_machine
+
+    here, there = describe_machine(), cal.get("machine", {})
+    keys = ("cpu_model", "cores")
+    same = all(here.get(k) == there.get(k) for k in keys) and [
+        d["name"] for d in here["cuda_devices"]
+    ] == [d.get("name") for d in there.get("cuda_devices", [])]
+    if same:
+        return None
+    return (
+        f"{cal['path']} was measured on another machine ({there.get('cpu_model')}, "
+        f"{there.get('cores')} cores, GPUs: "
+        f"{', '.join(d.get('name', '?') for d in there.get('cuda_devices', [])) or 'none'}); "
+        "its figures describe that machine. Run `gap3d bench` here for this one."
+    )
+
+
 def find_calibration(cfg: Gap3dConfig, path: str | None) -> dict[str, Any] | None:
     from gap3d.plan import calibration
 
@@ -236,6 +302,7 @@ def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
             "with other settings; what differs is scaled analytically",
             file=sys.stderr,
         )
+    other = other_machine(cal) if cal is not None else None
 
     def progress(msg: str) -> None:
         print(f"[plan] {msg} ...", file=sys.stderr, flush=True)
@@ -255,6 +322,8 @@ def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
         knobs=not args.no_knobs,
         progress=progress,
     )
+    if other:
+        plan["notes"].insert(0, other)
     out = Path(args.out) if args.out else cfg.work / "plan"
     j, md = write_outputs(plan, out)
     if args.json:
