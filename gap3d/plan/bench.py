@@ -142,10 +142,16 @@ def run_bench(
         f"{cal['device']['matmul_tflops']['bfloat16'] * 1e3:.0f} GFLOP/s bf16"
     )
 
+    path = Path(out) if out else _default_out(cfg, paper_shapes)
+    kept = _previous(path, cal) if skip else {}
     # Paper shapes on a CPU: a few samples (tens of seconds each); per-sample figures only.
     n = samples or (2 * bcfg.data.samples_per_shard if paper_shapes else default_samples(bcfg))
     layout: TokenLayout | None = None
     prompt_dim = None
+    for part in ("encode", "store"):
+        if part in skip and part in kept:
+            cal[part] = kept[part]
+            say(f"{part:<8} kept from {path} (skipped)")
     if "encode" not in skip:
         shards = bench_encode.make_shards(bcfg, n, work)
         enc = bench_encode.run_encode(bcfg, shards, say)
@@ -158,12 +164,11 @@ def run_bench(
             f"per task ({enc['forward_s_per_sample'] * 1e3:.1f} in the encoders), start-up "
             f"{enc['startup_s']:.1f} s, worker peak {enc['worker_peak_rss'] / 1e9:.2f} GB"
         )
-        from gap3d.store import FeatureStore
-
-        store = FeatureStore.open(bcfg.store_path)
-        layout, prompt_dim = store.layout, store.prompt_dim
         if "store" not in skip:
             cal["store"] = bench_encode.run_store(bcfg, work, say)
+    store = _bench_store(bcfg)
+    if store is not None:
+        layout, prompt_dim = store.layout, store.prompt_dim
     if layout is None:
         from gap3d.plan.estimate import encoder_shapes
 
@@ -199,7 +204,12 @@ def run_bench(
             cfg_scale=bcfg.eval.cfg_scale,
             threads=threads,
         )
-    if "train-run" not in skip and not paper_shapes and "encode" not in skip:
+    old_train = kept.get("train", {})
+    if "train-step" in skip and "step_probes" in old_train:
+        train["step_probes"] = old_train["step_probes"]
+    if "train-run" in skip and "run" in old_train:
+        train["run"] = old_train["run"]
+    if "train-run" not in skip and not paper_shapes and store is not None:
         steps = train_steps or _train_steps(train.get("step_probes", []))
         try:
             train["run"] = bench_train.run_train_probe(
@@ -210,10 +220,31 @@ def run_bench(
             say(f"train    real trainer probe FAILED: {str(e).splitlines()[0]}")
     cal["train"] = train
     cal["bench_seconds"] = time.perf_counter() - t_start
-    path = Path(out) if out else _default_out(cfg, paper_shapes)
     calibration.save(cal, path)
     say(f"wrote    {path} ({cal['bench_seconds']:.0f} s)")
     return cal
+
+
+def _previous(path: Path, cal: dict[str, Any]) -> dict[str, Any]:
+    """The calibration already at ``path`` if it was made for the same config on the same
+    machine (its parts are kept where this run skips them), else ``{}``."""
+    try:
+        old = calibration.load(path)
+    except calibration.CalibrationError:
+        return {}
+    same = all(old.get(k) == cal[k] for k in ("config_hash", "paper_shapes", "machine"))
+    return old if same else {}
+
+
+def _bench_store(cfg: Gap3dConfig) -> Any:
+    """The bench's feature store with committed shards, if a bench wrote one."""
+    from gap3d.store import FeatureStore, StoreError
+
+    try:
+        store = FeatureStore.open(cfg.store_path)
+    except StoreError:
+        return None
+    return store if store.committed_shards() else None
 
 
 def _train_steps(probes: list[dict[str, Any]]) -> int:

@@ -51,12 +51,16 @@ def _layer_flops(counts: dict[str, dict[Any, int]]) -> float:
     return 0.0
 
 
-def worker_memory() -> dict[str, int]:
-    """Peak memory of this (worker) process: resident, and CUDA if any."""
+def worker_stats() -> dict[str, Any]:
+    """Peak memory (resident, and CUDA if any) and CPU seconds of this (worker) process."""
     import torch
 
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss": int(r if sys.platform == "darwin" else r * 1024)}
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    r = ru.ru_maxrss
+    out: dict[str, Any] = {
+        "peak_rss": int(r if sys.platform == "darwin" else r * 1024),
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+    }
     if torch.cuda.is_available():
         out["cuda_peak_allocated"] = int(torch.cuda.max_memory_allocated())
         out["cuda_peak_reserved"] = int(torch.cuda.max_memory_reserved())
@@ -134,17 +138,30 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
 
     from gap3d.pipeline.cluster import open_client
     from gap3d.pipeline.encode import WORKER_ENV, cache
+    from gap3d.pipeline.workers import encoder_info
     from gap3d.store import FeatureStore
 
     shutil.rmtree(cfg.store_path, ignore_errors=True)
+    resources = {"GPU": 1} if cfg.cluster.gpu_resources else None
     t0 = time.perf_counter()
     with dask.config.set(WORKER_ENV), open_client(cfg.cluster, purpose="bench") as client:
         cluster_start = time.perf_counter() - t0
-        say(f"encode   cluster up in {cluster_start:.1f} s; caching {len(shards)} shard(s)")
+        say(f"encode   cluster up in {cluster_start:.1f} s; loading the encoders")
+        # Load the models apart (the stage's own first call then finds them loaded), so that
+        # loading and encoding are timed separately, in wall and in worker CPU seconds.
+        t1 = time.perf_counter()
+        client.submit(
+            encoder_info, cfg.prompt_encoder, cfg.image_encoder, resources=resources, pure=False
+        ).result()
+        load_s = time.perf_counter() - t1
+        loaded = client.run(worker_stats)
+        say(f"encode   encoders loaded in {load_s:.1f} s; caching {len(shards)} shard(s)")
+        p0 = time.process_time()
         report = cache(cfg, client=client, shards=shards)
+        client_cpu = time.process_time() - p0
         if not report.ok:
             raise RuntimeError(f"bench encode failed: {report.failed}")
-        memory = client.run(worker_memory)
+        memory = client.run(worker_stats)
         say("encode   timing each encoder alone in the worker")
         rates = client.submit(
             encoder_rates,
@@ -164,6 +181,8 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
     task_s = sum(r.seconds for r in done)
     forward_s = sum(r.encode_seconds for r in done)
     workers = max(1, len(memory))
+    load_cpu = sum(m["cpu_s"] for m in loaded.values()) / workers
+    work_cpu = sum(memory[w]["cpu_s"] - loaded[w]["cpu_s"] for w in memory)
     return {
         "samples": n,
         "valid": sum(r.n_valid for r in done),
@@ -174,7 +193,13 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
         "cluster_start_s": cluster_start,
         "stage_s": report.seconds,  # cache() on the running cluster: load + tasks + statistics
         "process_s": report.process_seconds,
-        "startup_s": max(0.0, report.seconds - report.process_seconds - finalize_s),
+        "load_s": load_s,
+        "startup_s": load_s + max(0.0, report.seconds - report.process_seconds - finalize_s),
+        # CPU seconds: a worker's until its models are loaded, then the stage's per sample
+        # (workers' and this client's), which do not depend on the machine's other load
+        "load_cpu_s": load_cpu,
+        "worker_cpu_s_per_sample": work_cpu / n,
+        "client_cpu_s_per_sample": client_cpu / n,
         "task_s_per_sample": task_s / n,
         "task_s_per_shard": task_s / len(done),
         "forward_s_per_sample": forward_s / n,

@@ -167,6 +167,29 @@ def train_run_config(cfg: Gap3dConfig, workdir: Path, steps: int) -> dict[str, A
     return d
 
 
+def _phases(r: dict[str, Any], i: int) -> dict[str, Any]:
+    """Phase durations of a ``train_run`` probe from its marks (``i``: 0 wall, 1 CPU)."""
+    m = r["marks"]
+    ends = [e[i] for e in m["step_end"]]
+    # Steady steps: intervals between step ends, except the last one, which holds the
+    # final checkpoint write (timed on its own); the first step is reported apart.
+    steady = [b - a for a, b in zip(ends[:-2], ends[1:-1], strict=True)]
+    total = r["process_wall_s"] if i == 0 else r["process_cpu_s"]
+    return {
+        "startup_s": m["fit_start"][i],
+        "first_step_s": ends[0] - m["fit_start"][i],
+        "step_s": sum(steady) / len(steady) if steady else ends[-1] - ends[0],
+        "val_s": sum(b[i] - a[i] for a, b in m["val"]),
+        "val_runs": len(m["val"]),
+        "ckpt_s": sum(b[i] - a[i] for a, b in m["ckpt"]),
+        "ckpt_writes": len(m["ckpt"]),
+        "teardown_s": r["done"][i] - m.get("fit_end", r["done"])[i],
+        # interpreter start before the probe's clock and exit after it (seconds for a
+        # process that imported torch, Lightning and TensorBoard)
+        "process_overhead_s": max(0.0, total - r["done"][i]),
+    }
+
+
 def run_train_probe(
     cfg: Gap3dConfig, workdir: Path, steps: int, say: Any, threads: int | None = None
 ) -> dict[str, Any]:
@@ -189,6 +212,7 @@ def run_train_probe(
         "val_rows": min(cfg.train.val_samples, val_rows(cfg, n_train)),
         "steps": r["steps"],
         "wall_s": r["process_wall_s"],
+        "cpu_s": r["process_cpu_s"],
         "train_wall_s": r["wall_s"],
         "peak_rss": r["peak_rss"],
         "cuda_peak_allocated": r.get("cuda_peak_allocated"),
@@ -196,26 +220,14 @@ def run_train_probe(
         "phases_measured": bool(r["hooked"] and r["marks"].get("step_end")),
     }
     if out["phases_measured"]:
-        m = r["marks"]
-        ends = m["step_end"]
-        val = sum(b - a for a, b in m["val"])
-        ckpt = sum(b - a for a, b in m["ckpt"])
-        # Steady steps: intervals between step ends, except the last one, which holds the
-        # final checkpoint write (timed on its own); the first step is reported apart.
-        steady = [b - a for a, b in zip(ends[:-2], ends[1:-1], strict=True)]
-        out.update(
-            startup_s=m["fit_start"],
-            first_step_s=ends[0] - m["fit_start"],
-            step_s=sum(steady) / len(steady) if steady else ends[-1] - ends[0],
-            val_s=val,
-            val_runs=len(m["val"]),
-            ckpt_s=ckpt,
-            ckpt_writes=len(m["ckpt"]),
-            teardown_s=r["done"] - m.get("fit_end", r["done"]),
-        )
+        # Each phase in wall seconds and in CPU seconds of the process (the latter does not
+        # depend on what else the machine is running: one torch thread makes CPU time the
+        # wall time of an otherwise idle machine).
+        for i, suffix in ((0, ""), (1, "_cpu")):
+            out.update({k + suffix: v for k, v in _phases(r, i).items()})
         say(
             f"train    real trainer: start-up {out['startup_s']:.1f} s, "
-            f"{out['step_s']:.3f} s/step, validation {val:.1f} s, checkpoint {ckpt:.2f} s, "
-            f"peak {out['peak_rss'] / 1e9:.2f} GB"
+            f"{out['step_s']:.3f} s/step, validation {out['val_s']:.1f} s, checkpoint "
+            f"{out['ckpt_s']:.2f} s, peak {out['peak_rss'] / 1e9:.2f} GB"
         )
     return out

@@ -24,7 +24,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip",
         default="",
-        help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}",
+        help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}; a skipped part keeps its "
+        "figures from the calibration already at --out (same config and machine), and "
+        "train-run reuses the bench store an earlier run wrote",
     )
     p.add_argument("--threads", type=int, help="torch threads for the probes (default: torch's)")
 

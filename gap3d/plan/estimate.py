@@ -361,7 +361,16 @@ class Planner:
         per_worker = self._shard_loads()
         tasks = per_worker * t.value
         wall = startup.value + tasks + finalize.value
+        cpu = None
+        if self.t.measured and "load_cpu_s" in enc and not self.cal.get("paper_shapes"):
+            per = enc["worker_cpu_s_per_sample"] + enc["client_cpu_s_per_sample"]
+            cpu = Fig(
+                W * enc["load_cpu_s"] + N * per,
+                MEASURED,
+                "CPU seconds of the workers and the client (independent of other load)",
+            ).to_dict()
         return {
+            "cpu_s": cpu,
             "workers": W,
             "s_per_sample": t.to_dict(),
             "parts": {k: v.to_dict() for k, v in parts.items()},
@@ -597,9 +606,10 @@ class Planner:
             startup = Fig(
                 run["startup_s"]
                 + max(0.0, run["first_step_s"] - run["step_s"])
-                + run["teardown_s"],
+                + run["teardown_s"]
+                + run.get("process_overhead_s", 0.0),
                 MEASURED,
-                "process start to first step, first-step warm-up, export",
+                "process start to first step, first-step warm-up, export, process exit",
             )
         else:
             batches = math.ceil(rows / tc.batch_size) if rows else 0
@@ -618,7 +628,26 @@ class Planner:
             startup = Fig(STARTUP_S, ANALYTIC, "process start, data module, first step (assumed)")
         compute = steps * step.value
         wall = startup.value + compute + val.value + ckpt.value
+        cpu = None
+        same = self.case(cfg, False) == self.case(self.ref, False)
+        if self._measured_train() and same and run.get("step_s_cpu") is not None:
+            # the same sum in the process's CPU seconds (what one torch thread costs
+            # whatever else the machine runs)
+            c = run
+            val_rows_probe = max(1, c.get("val_rows", 1))
+            cpu = Fig(
+                c["startup_s_cpu"]
+                + max(0.0, c["first_step_s_cpu"] - c["step_s_cpu"])
+                + c["teardown_s_cpu"]
+                + c["process_overhead_s_cpu"]
+                + steps * c["step_s_cpu"]
+                + n_val_runs * rows * c["val_s_cpu"] / max(1, c["val_runs"]) / val_rows_probe
+                + n_periods * c["ckpt_s_cpu"],
+                MEASURED,
+                "CPU seconds of the training process (independent of other load)",
+            ).to_dict()
         return {
+            "cpu_s": cpu,
             "steps": steps,
             "epochs": epochs,
             "devices": K,

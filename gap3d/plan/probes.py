@@ -22,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,20 +50,27 @@ def run_probe(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "gap3d.plan.probes", name, str(src), str(dst)],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
-            timeout=timeout_s,
-            check=False,
         )
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this very child
+        finally:
+            timer.cancel()
     wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not dst.exists():
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0 or not dst.exists():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise ProbeError(f"probe {tag} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        raise ProbeError(f"probe {tag} failed (exit {code}); log {log}:\n{tail}")
     out = json.loads(dst.read_text())
     out["process_wall_s"] = wall
+    out["process_cpu_s"] = usage.ru_utime + usage.ru_stime
     return out
 
 
@@ -107,11 +115,12 @@ def _phase_timer() -> Any:
 
         def __init__(self) -> None:
             self.marks: dict[str, Any] = {"step_end": [], "val": [], "ckpt": []}
-            self._val0 = 0.0
+            self._val0: list[float] = [0.0, 0.0]
 
         @staticmethod
-        def now() -> float:
-            return time.perf_counter() - _T0
+        def now() -> list[float]:
+            """[wall seconds since the probe started, CPU seconds of this process]."""
+            return [time.perf_counter() - _T0, time.process_time()]
 
         def on_fit_start(self, trainer: Any, module: Any) -> None:
             self.marks["fit_start"] = self.now()
@@ -123,7 +132,7 @@ def _phase_timer() -> Any:
             self._val0 = self.now()
 
         def on_validation_end(self, trainer: Any, module: Any) -> None:
-            self.marks["val"].append([self._val0, self.now()])
+            self.marks["val"].append([self._val0, self.now()])  # [[wall, cpu], [wall, cpu]]
 
         def on_fit_end(self, trainer: Any, module: Any) -> None:
             self.marks["fit_end"] = self.now()
@@ -160,14 +169,12 @@ def probe_train_run(payload: dict[str, Any]) -> dict[str, Any]:
             return out
 
         pl.Trainer.save_checkpoint = timed_save  # type: ignore[method-assign]
-    t_train = time.perf_counter() - _T0
     result = train_mod.train(cfg, export=bool(payload.get("export", True)))
-    t_done = time.perf_counter() - _T0
+    t_done = [time.perf_counter() - _T0, time.process_time()]
     device = "cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu"
     return {
         "hooked": hooked,
-        "marks": timer.marks,
-        "train_called": t_train,
+        "marks": timer.marks,  # every mark is [wall s since start, process CPU s]
         "done": t_done,
         "steps": int(result["step"]),
         "wall_s": float(result["wall_s"]),

@@ -110,6 +110,8 @@ def format_text(plan: dict[str, Any]) -> str:
     lines.append(f"  statistics      {_fig(e['finalize_s'])}")
     unit = "GPU-hours" if t["kind"] == "cuda" else "worker-hours"
     lines.append(f"  wall time       {fmt_s(e['wall_s'])}   ->  {fmt_h(e['device_hours'])} {unit}")
+    if e.get("cpu_s"):
+        lines.append(f"  CPU time        {_fig(e['cpu_s'])}")
     m = e["memory"]
     lines.append(f"  device memory   {_fig(m['device_peak'], fmt_bytes)}")
     lines.append(f"  host memory     {_fig(m['host_peak'], fmt_bytes)}")
@@ -130,6 +132,8 @@ def format_text(plan: dict[str, Any]) -> str:
         f"  start-up        {_fig(tr['startup_s'])}",
         f"  wall time       {fmt_s(tr['wall_s'])}   ->  {fmt_h(tr['device_hours'])} {unit}",
     ]
+    if tr.get("cpu_s"):
+        lines.append(f"  CPU time        {_fig(tr['cpu_s'])}")
     lines += ["", "MEMORY per training device (traced parts; peak as stated)"]
     a, b = mem["without_ckpt"], mem["with_ckpt"]
     rows = [

@@ -33,17 +33,20 @@ def real_cache(cfg: Gap3dConfig, shards: list[Path]) -> dict[str, Any]:
 
     from gap3d.pipeline.cluster import open_client
     from gap3d.pipeline.encode import WORKER_ENV, cache
-    from gap3d.plan.bench_encode import worker_memory
+    from gap3d.plan.bench_encode import worker_stats
 
     t0 = time.perf_counter()
     with dask.config.set(WORKER_ENV), open_client(cfg.cluster, purpose="cache") as client:
+        p0 = time.process_time()
         report = cache(cfg, client=client, shards=shards)
-        memory = client.run(worker_memory)
+        client_cpu = time.process_time() - p0
+        memory = client.run(worker_stats)
     wall = time.perf_counter() - t0
     if not report.ok:
         raise RuntimeError(f"cache failed: {report.failed}")
     return {
         "wall_s": wall,
+        "cpu_s": client_cpu + sum(m["cpu_s"] for m in memory.values()),
         "samples": report.n_samples,
         "store_bytes": dir_bytes(cfg.store_path),
         "worker_peak_rss": max(m["peak_rss"] for m in memory.values()),
@@ -75,31 +78,50 @@ def real_train(
         tail = Path(log).read_text(errors="replace")[-3000:] if log else ""
         raise RuntimeError(f"gap3d train exited {code}\n{tail}")
     peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"wall_s": wall, "peak_rss": peak}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": peak}
 
 
 def compare(plan: dict[str, Any], cache: dict[str, Any], train: dict[str, Any]) -> list[dict]:
-    """Rows ``(what, plan, real, ratio, tolerance, ok)`` for the issue's targets."""
+    """Rows ``what, plan, real, ratio, tolerance, ok, asserted`` for the issue's targets.
+
+    Times are compared twice: wall clock, and CPU seconds of the processes doing the work
+    (the encode workers + the client; the training process). On a machine shared with other
+    jobs, wall time also measures the neighbours, which come and go between the calibration
+    and the run; with one torch thread, CPU seconds are the wall time the same work takes
+    on an otherwise idle machine. Where the plan has CPU figures, those rows are the asserted
+    ones (``asserted``) and the wall rows are reported beside them.
+    """
     cuda = plan["target"]["kind"] == "cuda"
-    rows = [
-        ("storage (bytes)", plan["storage"]["store_bytes"], cache["store_bytes"], "storage"),
-        ("encode wall time (s)", plan["encode"]["wall_s"], cache["wall_s"], "encode"),
-        ("train wall time (s)", plan["train"]["wall_s"], train["wall_s"], "train"),
+    enc_cpu, tr_cpu = plan["encode"].get("cpu_s"), plan["train"].get("cpu_s")
+    rows: list[tuple[str, float, float, str, bool]] = [
+        ("storage (bytes)", plan["storage"]["store_bytes"], cache["store_bytes"], "storage", True),
+        ("encode wall time (s)", plan["encode"]["wall_s"], cache["wall_s"], "encode", not enc_cpu),
+    ]
+    if enc_cpu:
+        rows.append(("encode CPU time (s)", enc_cpu["value"], cache["cpu_s"], "encode", True))
+    rows.append(
+        ("train wall time (s)", plan["train"]["wall_s"], train["wall_s"], "train", not tr_cpu)
+    )
+    if tr_cpu:
+        rows.append(("train CPU time (s)", tr_cpu["value"], train["cpu_s"], "train", True))
+    rows += [
         (
             "train peak memory (bytes)",
             plan["memory"]["configured"]["peak"]["value"],
             train.get("cuda_peak_allocated") if cuda else train["peak_rss"],
             "memory",
+            True,
         ),
         (
             "encode worker peak memory (bytes)",
             plan["encode"]["memory"]["device_peak"]["value"],
             cache["worker_cuda_peak_allocated"] if cuda else cache["worker_peak_rss"],
             "memory",
+            True,
         ),
     ]
     out = []
-    for what, p, r, kind in rows:
+    for what, p, r, kind, asserted in rows:
         ratio = p / r if r else float("nan")
         tol = TOLERANCES[kind]
         out.append(
@@ -110,6 +132,7 @@ def compare(plan: dict[str, Any], cache: dict[str, Any], train: dict[str, Any]) 
                 "ratio": ratio,
                 "tolerance": tol,
                 "ok": abs(ratio - 1) <= tol,
+                "asserted": asserted,
             }  # fmt: skip
         )
     return out
@@ -121,5 +144,6 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"{r['what']:<34} {r['plan']:>12.4g} {r['real']:>12.4g} {r['ratio']:>10.3f}  "
             f"+-{r['tolerance']:.0%} {'ok' if r['ok'] else 'MISSED'}"
+            + ("" if r["asserted"] else " (reported)")
         )
     return "\n".join(lines)
