@@ -84,8 +84,11 @@ bench: ## run the benchmarks and write benchmarks/results/*.json (+ the calibrat
 	$(BIN)/python benchmarks/generate.py
 	$(GAP3D) bench --config $(CONFIG) --out benchmarks/results/calibration-$(CONFIG).json $(ARGS)
 
+# the calibration `make bench` wrote for CONFIG (or its --paper-shapes one), unless ARGS names one
+PLAN_CAL = $(firstword $(wildcard benchmarks/results/calibration-$(CONFIG).json benchmarks/results/calibration-$(CONFIG)-shapes.json))
+
 plan: ## ARGS="--pairs N [--gpus K] [--gpu h100] [--calibration FILE]": cost of a run of CONFIG
-	$(GAP3D) plan --config $(CONFIG) $(if $(wildcard benchmarks/results/calibration-$(CONFIG).json),$(if $(findstring --calibration,$(ARGS)),,--calibration benchmarks/results/calibration-$(CONFIG).json)) $(ARGS)
+	$(GAP3D) plan --config $(CONFIG) $(if $(PLAN_CAL),$(if $(findstring --calibration,$(ARGS)),,--calibration $(PLAN_CAL))) $(ARGS)
 
 clean: ## remove work/ outputs of CONFIG (keeps .venv)
 	rm -rf work/$(CONFIG)

@@ -170,7 +170,7 @@ def run_bench(
     if store is not None:
         layout, prompt_dim = store.layout, store.prompt_dim
     if layout is None:
-        from gap3d.plan.estimate import encoder_shapes
+        from gap3d.plan.models import encoder_shapes
 
         layout, prompt_dim = encoder_shapes(bcfg)
 

@@ -204,7 +204,7 @@ def run_train_probe(
         "export": True,
     }
     r = run_probe("train_run", payload, workdir)
-    from gap3d.plan.estimate import val_rows
+    from gap3d.plan.figures import val_rows
     from gap3d.store import FeatureStore
 
     n_train = len(FeatureStore.open(cfg.store_path).indices(split="train"))

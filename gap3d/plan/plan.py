@@ -186,10 +186,10 @@ def make_plan(
         grad_ckpt,
         notes,
     )
-    from gap3d.plan import estimate as est
+    from gap3d.plan.figures import MFU_INFER, MFU_TRAIN
 
-    inp.mfu_train = mfu_train or est.MFU_TRAIN
-    inp.mfu_infer = mfu_infer or est.MFU_INFER
+    inp.mfu_train = mfu_train or MFU_TRAIN
+    inp.mfu_infer = mfu_infer or MFU_INFER
     say = progress or (lambda msg: None)
     planner = Planner(inp)
     say("storage")
