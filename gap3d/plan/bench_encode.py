@@ -139,9 +139,10 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
     from gap3d.pipeline.cluster import open_client
     from gap3d.pipeline.encode import WORKER_ENV, cache
     from gap3d.pipeline.workers import encoder_info
+    from gap3d.plan.compat import has_statistics_pass
     from gap3d.store import FeatureStore
 
-    shutil.rmtree(cfg.store_path, ignore_errors=True)
+    shutil.rmtree(Path(cfg.store_path), ignore_errors=True)
     resources = {"GPU": 1} if cfg.cluster.gpu_resources else None
     t0 = time.perf_counter()
     with dask.config.set(WORKER_ENV), open_client(cfg.cluster, purpose="bench") as client:
@@ -173,9 +174,11 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
             pure=False,
         ).result()
     store = FeatureStore.open(cfg.store_path, "r+")
-    t1 = time.perf_counter()
-    store.finalize(progress=False)  # the statistics pass alone (cache() ran it once already)
-    finalize_s = time.perf_counter() - t1
+    finalize_s = 0.0
+    if has_statistics_pass(store):  # the statistics pass alone (cache() ran it once already)
+        t1 = time.perf_counter()
+        store.finalize(progress=False)
+        finalize_s = time.perf_counter() - t1
     done = report.done
     n = sum(r.n_samples for r in done)
     task_s = sum(r.seconds for r in done)
@@ -258,10 +261,11 @@ def _shard_data(store: Any, shard: int) -> Any:
 
 def run_store(cfg: Gap3dConfig, workdir: Path, say: Any) -> dict[str, Any]:
     """Bytes per sample (layout and on disk) for every encoding x compression, and speeds."""
+    from gap3d.plan.compat import store_schema
     from gap3d.store import FeatureStore
-    from gap3d.store.files import FEATURE_ARRAYS, array_layout
     from gap3d.store.manifest import spec_from_manifest
 
+    array_layout, FEATURE_ARRAYS = store_schema()
     src = FeatureStore.open(cfg.store_path)
     shards = src.committed_shards()
     data = {s: _shard_data(src, s) for s in shards}
@@ -310,12 +314,20 @@ def run_store(cfg: Gap3dConfig, workdir: Path, say: Any) -> dict[str, Any]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 read_path = path
-    # The stage's own store also holds statistics and the run's annotations: its fixed part
-    # (everything that does not grow with the samples) is the one a real run has.
+    # Besides the sample arrays, the stage's own store holds metadata, commit records,
+    # statistics and annotations: what an empty store of the same spec holds is fixed, the
+    # rest grows with the shards.
     configured = f"{cfg.store.encoding}/{cfg.store.compression}"
-    out["fixed_bytes"][configured] = _fixed_bytes(src.path, src.manifest["arrays"])
-    markers = list((src.path / "_commits").glob("*.json"))
-    out["marker_bytes"] = sum(m.stat().st_size for m in markers) / max(1, len(markers))
+    empty_path = workdir / "store-empty.zarr"
+    shutil.rmtree(empty_path, ignore_errors=True)
+    FeatureStore.create(empty_path, base)
+    names = list(out["layout"][configured])
+    fixed = _fixed_bytes(empty_path, names)
+    out["fixed_bytes"][configured] = fixed
+    out["shard_overhead_bytes"] = max(
+        0.0, (_fixed_bytes(Path(cfg.store_path), names) - fixed) / max(1, len(shards))
+    )
+    shutil.rmtree(empty_path, ignore_errors=True)
     say(f"store    {n} samples written in 4 encodings, {write_bytes / 1e6:.1f} MB")
     # Reads as the trainer does them: random sorted batches of the trainer's arrays.
     store = FeatureStore.open(read_path)

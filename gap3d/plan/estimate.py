@@ -161,8 +161,10 @@ class Planner(EncodeEstimates, TrainEstimates):
     # ------------------------------------------------------------------ storage
     def storage(self) -> dict[str, Any]:
         """Bytes per sample and in total, per component, for every encoding x compression."""
-        from gap3d.store.files import array_layout
+        from gap3d.plan.compat import store_schema
         from gap3d.store.manifest import StoreSpec
+
+        array_layout, _ = store_schema()
 
         cal_store = self.cal.get("store") if self._same_encoders() else None
         combos: dict[str, Any] = {}
@@ -233,10 +235,9 @@ class Planner(EncodeEstimates, TrainEstimates):
         # commit markers (one per shard).
         n_shards = math.ceil(self.inp.pairs / self.cfg.data.samples_per_shard)
         fixed_cal = (cal_store or {}).get("fixed_bytes", {}).get(configured)
-        if fixed_cal is not None and cal_store.get("shards"):
-            per_shard = cal_store.get("marker_bytes", 0.0)
-            fixed = fixed_cal + per_shard * (n_shards - cal_store["shards"])
-        else:
+        if fixed_cal is not None and "shard_overhead_bytes" in cal_store:
+            fixed = fixed_cal + cal_store["shard_overhead_bytes"] * n_shards
+        else:  # metadata + manifest, a commit record per shard (assumed sizes)
             fixed = 64e3 + 400.0 * n_shards
         enc_cal = self.cal.get("encode", {}) if self._same_encoders() else {}
         if enc_cal.get("source_shard_bytes_per_sample"):

@@ -259,11 +259,13 @@ class TrainEstimates:
                 what = "step probe"
             if measured is not None and base is not None:
                 same = case == self.case(self.ref, False)
+                cuda = self.t.kind == "cuda"
                 peak = Fig(
-                    base + tr["peak"],
+                    # allocated CUDA memory leaves out the context the device also holds
+                    base + tr["peak"] + (CUDA_CONTEXT_BYTES if cuda else 0.0),
                     MEASURED,
-                    f"{what} peak {'resident' if self.t.kind == 'cpu' else 'CUDA'} memory"
-                    + ("" if same else " + traced difference to this setting"),
+                    f"{what} peak {'CUDA allocated (+ context, assumed)' if cuda else 'resident'}"
+                    " memory" + ("" if same else " + traced difference to this setting"),
                 )
         if peak is None:
             ratio = self._traced_ratio()

@@ -314,7 +314,8 @@ def _warnings(cfg: Gap3dConfig, plan: dict[str, Any], disk_bytes: float | None) 
     need = st["store_bytes"] + st["source_shards"]["total_bytes"]
     free, where = disk_bytes, "--disk"
     if free is None:
-        free, where = _disk_free(cfg.store_path), f"free at {cfg.store_path.parent} on this machine"
+        store = Path(cfg.store_path)
+        free, where = _disk_free(store), f"free at {store.parent} on this machine"
     if free is not None and need > free:
         out.append(
             f"DISK: store + downloaded shards need {need / 1e12:.2f} TB, {where}: "

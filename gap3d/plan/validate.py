@@ -48,7 +48,7 @@ def real_cache(cfg: Gap3dConfig, shards: list[Path]) -> dict[str, Any]:
         "wall_s": wall,
         "cpu_s": client_cpu + sum(m["cpu_s"] for m in memory.values()),
         "samples": report.n_samples,
-        "store_bytes": dir_bytes(cfg.store_path),
+        "store_bytes": dir_bytes(Path(cfg.store_path)),
         "worker_peak_rss": max(m["peak_rss"] for m in memory.values()),
         "worker_cuda_peak_allocated": max(
             (m.get("cuda_peak_allocated", 0) for m in memory.values()), default=0
