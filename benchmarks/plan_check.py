@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/plan_check.py --config demo [key=value ...]
     .venv/bin/python benchmarks/plan_check.py --config tiny --samples 384 train.max_steps=240
 
-1. ``gap3d bench`` on this machine (calibration under ``<workdir>/plan-check/``);
+1. ``gap3d bench`` on this machine (calibration under ``<workdir>/plan-check/``), on the first
+   samples of the same shards;
 2. ``gap3d plan`` for exactly the samples of the real run;
 3. the real run: the cache stage on the config's downloaded shards (``gap3d download`` output
    in ``<workdir>/shards``; synthetic shards in img2dataset's layout with ``--samples`` or when
@@ -77,7 +78,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     cal_path = work / "calibration.json"
-    run_bench(cfg, cal_path, threads=args.threads)
+    # the bench samples the same data the run encodes (its first shards), as a user would
+    run_bench(cfg, cal_path, threads=args.threads, sources=shards)
     bench_s = time.perf_counter() - t0
     plan = make_plan(cfg, n, calibration=calibration.load(cal_path), knobs=False)
     text = format_text(plan)

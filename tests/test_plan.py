@@ -330,3 +330,28 @@ def test_shapes_spec_loads_through_the_encoder_code(tmp_path, monkeypatch) -> No
     tokens = enc.encode([Image.new("RGB", (600, 500), (200, 30, 30))])
     assert tokens.shape == (1, 1374, 1024) and torch.isfinite(tokens).all()
     assert resolve_model_spec("shapes:dinov2_reg_large").path == src.path  # built once
+
+
+def test_bench_shards_synthetic_and_repacked(tmp_path) -> None:
+    """Bench shards are img2dataset-like tars the real decoder reads; repacking copies the
+    user's own samples byte for byte into shards of the configured size."""
+    import tarfile
+
+    from gap3d.pipeline.decode import decode_any, read_tar
+    from gap3d.plan.synthetic import repack_shards, write_synthetic_shards
+
+    src = write_synthetic_shards(tmp_path / "src", 11, 5, 64, seed=3)
+    assert len(src) == 3
+    samples = [s for p in src for s in read_tar(p).samples]
+    decoded = [decode_any(s, 10**8, 1000) for s in samples]
+    assert all(d.valid and min(d.image.size) == 64 and d.caption for d in decoded)
+    paths, n = repack_shards(src, tmp_path / "out", 7, 4)
+    assert n == 7 and len(paths) == 2
+    repacked = [s for p in paths for s in read_tar(p).samples]
+    assert [s["__key__"] for s in repacked] == [s["__key__"] for s in samples[:7]]
+    assert all(
+        a["jpg"] == b["jpg"] and a["txt"] == b["txt"]
+        for a, b in zip(repacked, samples[:7], strict=True)
+    )
+    with tarfile.open(paths[1]) as tf:
+        assert len({m.name.split(".")[0] for m in tf}) == 3

@@ -57,7 +57,9 @@ def test_plan_matches_the_real_tiny_run(tmp_path: Path, monkeypatch: pytest.Monk
     # on a shared machine: bench encode + store -> real cache -> bench trainer -> real train.
     cal_path = tmp_path / "calibration.json"
     quiet = {"threads": 1, "say": lambda m: None}
-    run_bench(cfg, cal_path, samples=64, skip=("train-step", "train-run"), **quiet)
+    run_bench(
+        cfg, cal_path, samples=64, skip=("train-step", "train-run"), data="synthetic", **quiet
+    )
     shards = write_synthetic_shards(
         tmp_path / "shards", N_REAL, cfg.data.samples_per_shard, cfg.data.download_image_size, 1
     )

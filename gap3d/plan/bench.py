@@ -89,12 +89,21 @@ def run_bench(
     skip: tuple[str, ...] = (),
     train_steps: int | None = None,
     threads: int | None = None,
+    data: str = "auto",
+    sources: list[Path] | None = None,
     say: Any = print,
 ) -> dict[str, Any]:
     """Measure, write the calibration JSON to ``out`` (default ``<workdir>/calibration.json``
-    or ``calibration-paper-shapes.json``) and return it."""
+    or ``calibration-paper-shapes.json``) and return it.
+
+    ``data``: ``auto`` encodes the first samples of the config's downloaded shards
+    (``<workdir>/shards``, or ``sources``) when there are any, else synthetic ones;
+    ``synthetic`` always synthetic (compressed sizes depend on the content).
+    """
     from gap3d.plan import bench_encode, bench_train
 
+    if data not in ("auto", "synthetic"):
+        raise ValueError(f"--data must be auto or synthetic, got {data!r}")
     bad = sorted(set(skip) - set(SKIPPABLE))
     if bad:
         raise ValueError(f"--skip takes {', '.join(SKIPPABLE)}; got {', '.join(bad)}")
@@ -153,8 +162,14 @@ def run_bench(
             cal[part] = kept[part]
             say(f"{part:<8} kept from {path} (skipped)")
     if "encode" not in skip:
-        shards = bench_encode.make_shards(bcfg, n, work)
+        if data == "auto" and sources is None:
+            sources = _downloaded_shards(cfg)
+        shards, what = bench_encode.make_shards(
+            bcfg, n, work, sources if data != "synthetic" else None
+        )
+        say(f"data     {what}")
         enc = bench_encode.run_encode(bcfg, shards, say)
+        enc["data"] = what
         enc["source_shard_bytes_per_sample"] = bench_encode.shard_bytes_per_sample(
             shards, enc["samples"]
         )
@@ -225,6 +240,16 @@ def run_bench(
     return cal
 
 
+def _downloaded_shards(cfg: Gap3dConfig) -> list[Path] | None:
+    """Finished shards ``gap3d download`` wrote for this config, if any."""
+    try:
+        from gap3d.pipeline.download import list_shards
+
+        return list(list_shards(cfg.shards_dir)) or None
+    except Exception:  # noqa: BLE001 - no shards (or no readable shards folder): synthetic
+        return None
+
+
 def _previous(path: Path, cal: dict[str, Any]) -> dict[str, Any]:
     """The calibration already at ``path`` if it was made for the same config on the same
     machine (its parts are kept where this run skips them), else ``{}``."""
@@ -278,5 +303,6 @@ def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
         skip=skip,
         train_steps=getattr(args, "train_steps", None),
         threads=getattr(args, "threads", None),
+        data=getattr(args, "data", "auto") or "auto",
     )
     return 0

@@ -350,14 +350,27 @@ def run_store(cfg: Gap3dConfig, workdir: Path, say: Any) -> dict[str, Any]:
     return out
 
 
-def make_shards(cfg: Gap3dConfig, n_samples: int, workdir: Path, seed: int = 0) -> list[Path]:
-    from gap3d.plan.synthetic import write_synthetic_shards
+def make_shards(
+    cfg: Gap3dConfig,
+    n_samples: int,
+    workdir: Path,
+    sources: list[Path] | None = None,
+    seed: int = 0,
+) -> tuple[list[Path], str]:
+    """Bench shards of ``data.samples_per_shard`` samples: the first ``n_samples`` of
+    ``sources`` (the user's downloaded shards) when given, else synthetic; and what they are."""
+    from gap3d.plan.synthetic import repack_shards, write_synthetic_shards
 
     out = workdir / "shards"
     shutil.rmtree(out, ignore_errors=True)
-    return write_synthetic_shards(
-        out, n_samples, cfg.data.samples_per_shard, cfg.data.download_image_size, seed
-    )
+    S = cfg.data.samples_per_shard
+    if sources:
+        paths, n = repack_shards(sources, out, n_samples, S)
+        if n >= min(n_samples, S):
+            return paths, f"the first {n} samples of {len(sources)} downloaded shard(s)"
+        shutil.rmtree(out, ignore_errors=True)  # too few for one shard: synthetic instead
+    paths = write_synthetic_shards(out, n_samples, S, cfg.data.download_image_size, seed)
+    return paths, "synthetic (procedural images, demo captions)"
 
 
 def shard_bytes_per_sample(shards: list[Path], n: int) -> float:

@@ -17,7 +17,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "Qwen2.5-VL at hidden 2048 with 2 layers) instead of the config's models: measured "
         "bytes/sample, encode memory and aligner memory at the paper layout (slow on a CPU)",
     )
-    p.add_argument("--samples", type=int, help="synthetic samples to encode (default: 2 shards)")
+    p.add_argument("--samples", type=int, help="samples to encode (default: 2 shards)")
+    p.add_argument(
+        "--data",
+        choices=["auto", "synthetic"],
+        default="auto",
+        help="auto: the first samples of the shards `gap3d download` wrote for this config "
+        "(compressed sizes depend on the content), synthetic ones if there are none; "
+        "synthetic: always synthetic",
+    )
     p.add_argument(
         "--train-steps", type=int, help="steps of the real-trainer probe (default ~15 s)"
     )

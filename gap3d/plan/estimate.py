@@ -244,7 +244,12 @@ class Planner(EncodeEstimates, TrainEstimates):
             shard_b = Fig(
                 enc_cal["source_shard_bytes_per_sample"],
                 MEASURED,
-                "synthetic images at data.download_image_size; real photos are usually larger",
+                f"bench shards: {enc_cal.get('data', 'synthetic')}"
+                + (
+                    "; real photos are usually larger"
+                    if "synthetic" in enc_cal.get("data", "synthetic")
+                    else ""
+                ),
             )
         else:
             s = self.cfg.data.download_image_size

@@ -60,6 +60,11 @@ def run_probe(
         timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this very child
+        except BaseException:  # interrupted: do not leave the probe running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
         finally:
             timer.cancel()
     wall = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Synthetic webdataset shards in img2dataset's layout, for calibration runs.
+"""Webdataset shards for calibration runs: synthetic, or re-packed from the user's own.
 
 ``gap3d bench`` must exercise the real encode stage without downloading anything: these tars
 hold what img2dataset writes per sample (``<key>.jpg`` at ``data.download_image_size`` on the
@@ -6,7 +6,8 @@ shorter side, JPEG quality 95 as img2dataset's default, ``<key>.txt`` caption, `
 with url/key/status/size), so the stage reads, decodes and encodes them exactly like downloaded
 shards. Images are procedural (gradients, shapes and noise: JPEG sizes between a render and a
 photo), captions come from the demo's caption generator. Content is a pure function of the
-seed.
+seed. Compressed sizes depend on content, so :func:`repack_shards` lets a calibration run on
+the first samples of shards ``gap3d download`` already wrote instead.
 """
 
 from __future__ import annotations
@@ -99,3 +100,44 @@ def write_synthetic_shards(
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def repack_shards(
+    sources: list[Path], out_dir: str | Path, n_samples: int, samples_per_shard: int
+) -> tuple[list[Path], int]:
+    """The first ``n_samples`` samples of webdataset tars ``sources`` (e.g. what
+    ``gap3d download`` wrote), re-packed into tars of ``samples_per_shard`` samples, members
+    copied byte for byte: a calibration on the user's own data. Returns (paths, samples)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    tf_out: tarfile.TarFile | None = None
+    count, key = 0, None
+
+    def start_shard() -> tarfile.TarFile:
+        path = out / f"{len(paths):05d}.tar"
+        paths.append(path)
+        return tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+
+    for src in sources:
+        with tarfile.open(src) as tf_in:
+            for m in tf_in:
+                if not m.isfile():
+                    continue
+                k = m.name.rsplit("/", 1)[-1].split(".", 1)[0]
+                if k != key:  # a new sample starts
+                    if count == n_samples:
+                        break
+                    if count % samples_per_shard == 0:
+                        if tf_out is not None:
+                            tf_out.close()
+                        tf_out = start_shard()
+                    key, count = k, count + 1
+                data = tf_in.extractfile(m)
+                assert tf_out is not None
+                _add(tf_out, m.name.rsplit("/", 1)[-1], data.read() if data else b"")
+        if count == n_samples:
+            break
+    if tf_out is not None:
+        tf_out.close()
+    return paths, count

@@ -65,15 +65,22 @@ def real_train(
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = None
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this very child
         wall = time.perf_counter() - t0
+    except BaseException:  # interrupted (Ctrl-C, a test timeout): do not leave it running
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
     finally:
         if log:
             out.close()
     code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code  # reaped by wait4; Popen must not wait for it again
     if code != 0:
         tail = Path(log).read_text(errors="replace")[-3000:] if log else ""
         raise RuntimeError(f"gap3d train exited {code}\n{tail}")
