@@ -15,7 +15,7 @@ export PYOPENGL_PLATFORM ?= egl
 GAP3D := $(BIN)/gap3d
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-all lint format demo-data data cache inspect train resume export eval generate demo bench clean
+.PHONY: help setup lock test test-all lint format demo-data data cache inspect train resume export eval generate demo bench plan clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -77,13 +77,20 @@ generate: ## PROMPT="..." [IMAGE=path] [OUT=folder]: prompt -> tokens -> 3D asse
 demo: ## the whole embedded demo: data -> download -> cache -> train -> eval -> generate
 	$(GAP3D) demo --config $(CONFIG) $(ARGS)
 
-bench: ## run the benchmarks and write benchmarks/results/*.json|md
+bench: ## run the benchmarks and write benchmarks/results/*.json (+ the calibration of CONFIG)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/codecs.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/generate.py
+	$(GAP3D) bench --config $(CONFIG) --out benchmarks/results/calibration-$(CONFIG).json $(ARGS)
+
+# the calibration `make bench` wrote for CONFIG (or its --paper-shapes one), unless ARGS names one
+PLAN_CAL = $(firstword $(wildcard benchmarks/results/calibration-$(CONFIG).json benchmarks/results/calibration-$(CONFIG)-shapes.json))
+
+plan: ## ARGS="--pairs N [--gpus K] [--gpu h100] [--calibration FILE]": cost of a run of CONFIG
+	$(GAP3D) plan --config $(CONFIG) $(if $(PLAN_CAL),$(if $(findstring --calibration,$(ARGS)),,--calibration $(PLAN_CAL))) $(ARGS)
 
 clean: ## remove work/ outputs of CONFIG (keeps .venv)
 	rm -rf work/$(CONFIG)

@@ -105,6 +105,18 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", nargs="*", help="prompts to generate at the end")
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from gap3d.plan.cli_args import add_bench_args
+
+    add_bench_args(p)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from gap3d.plan.cli_args import add_plan_args
+
+    add_plan_args(p)
+
+
 COMMANDS: dict[str, Command] = {
     "config": Command(
         "gap3d.cli:print_config",
@@ -172,6 +184,27 @@ COMMANDS: dict[str, Command] = {
         "text->image Recall@K, and demo shape/colour retrieval accuracy, beside the mean-feature "
         "and regressor baselines.",
         _eval_args,
+    ),
+    "bench": Command(
+        "gap3d.plan.bench:cli_main",
+        "measure this machine for a config -> calibration JSON for `gap3d plan`",
+        "Run the config's real encode stage on synthetic shards, the store writer/reader and the "
+        "aligner (step probes and a short real training run) on this machine, and write what "
+        "was measured (encoder samples/s, bytes/sample, store MB/s, step time, peak memory, "
+        "Euler-step time) to <workdir>/calibration.json. --paper-shapes uses random-weight "
+        "models of the paper's real architectures instead of the config's models.",
+        _bench_args,
+    ),
+    "plan": Command(
+        "gap3d.plan.report:cli_main",
+        "estimate storage, GPU-hours and memory of a run before spending them",
+        "For --pairs N image-text pairs on --gpus K devices: storage (float16/int8, with and "
+        "without compression), encode and training wall time and GPU-hours, per-GPU training "
+        "memory with and without gradient checkpointing, the knobs that change the answer, "
+        "and warnings where a stage does not fit. Each figure says whether it was measured "
+        "(gap3d bench), published (a named GPU's datasheet) or analytic. Writes "
+        "<workdir>/plan/plan.{json,md}.",
+        _plan_args,
     ),
     "demo": Command(
         "gap3d.demo:cli_main",

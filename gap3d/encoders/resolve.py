@@ -7,6 +7,7 @@ Specs (docs/ARCHITECTURE.md):
   ``pkg_resources`` at import time, others print or download).
 * ``tiny:<arch>`` - a tiny random model of the real architecture, built once by
   :mod:`gap3d.encoders.tiny` and loaded back like any local folder.
+* ``shapes:<arch>`` - random weights at a paper model's real size (:mod:`gap3d.encoders.shapes`).
 * a local folder (or file) - loaded with ``local_files_only=True``.
 * anything else is a model-hub id: the only case that may reach the network, because the user
   named it. ``revision`` pins it.
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-SourceKind = Literal["package", "tiny", "local", "hub"]
+SourceKind = Literal["package", "tiny", "shapes", "local", "hub"]
 
 # Where the usable files sit inside packages we know (relative to site-packages).
 KNOWN_PACKAGE_PATHS: dict[str, str] = {
@@ -125,6 +126,10 @@ def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSource:
         from gap3d.encoders.tiny import tiny_model_dir
 
         return ModelSource(spec, "tiny", str(tiny_model_dir(spec[5:])), revision)
+    if spec.startswith("shapes:"):  # paper-size random weights (gap3d.encoders.shapes)
+        from gap3d.encoders.shapes import shapes_model_dir
+
+        return ModelSource(spec, "shapes", str(shapes_model_dir(spec[7:])), revision)
     local = Path(spec).expanduser()
     if local.exists():
         return ModelSource(spec, "local", str(local.resolve()), revision)
