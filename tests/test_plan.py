@@ -337,7 +337,8 @@ def test_bench_shards_synthetic_and_repacked(tmp_path) -> None:
     user's own samples byte for byte into shards of the configured size."""
     import tarfile
 
-    from gap3d.pipeline.decode import decode_any, read_tar
+    from gap3d.pipeline.decode import decode_any
+    from gap3d.pipeline.tars import read_tar
     from gap3d.plan.synthetic import repack_shards, write_synthetic_shards
 
     src = write_synthetic_shards(tmp_path / "src", 11, 5, 64, seed=3)

@@ -74,7 +74,8 @@ def encoder_rates(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gap3d.pipeline.decode import decode_any, read_tar
+    from gap3d.pipeline.decode import decode_any
+    from gap3d.pipeline.tars import read_tar
     from gap3d.pipeline.workers import get_encoders
 
     decoded = [
@@ -139,8 +140,6 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
     from gap3d.pipeline.cluster import open_client
     from gap3d.pipeline.encode import WORKER_ENV, cache
     from gap3d.pipeline.workers import encoder_info
-    from gap3d.plan.compat import has_statistics_pass
-    from gap3d.store import FeatureStore
 
     shutil.rmtree(Path(cfg.store_path), ignore_errors=True)
     resources = {"GPU": 1} if cfg.cluster.gpu_resources else None
@@ -173,12 +172,9 @@ def run_encode(cfg: Gap3dConfig, shards: list[Path], say: Any) -> dict[str, Any]
             cfg.data.max_caption_chars,
             pure=False,
         ).result()
-    store = FeatureStore.open(cfg.store_path, "r+")
+    # Statistics are merged from the per-shard moments each commit records: there is no pass
+    # over the tokens to time (the key stays for calibrations read by older plans).
     finalize_s = 0.0
-    if has_statistics_pass(store):  # the statistics pass alone (cache() ran it once already)
-        t1 = time.perf_counter()
-        store.finalize(progress=False)
-        finalize_s = time.perf_counter() - t1
     done = report.done
     n = sum(r.n_samples for r in done)
     task_s = sum(r.seconds for r in done)
@@ -261,11 +257,10 @@ def _shard_data(store: Any, shard: int) -> Any:
 
 def run_store(cfg: Gap3dConfig, workdir: Path, say: Any) -> dict[str, Any]:
     """Bytes per sample (layout and on disk) for every encoding x compression, and speeds."""
-    from gap3d.plan.compat import store_schema
     from gap3d.store import FeatureStore
     from gap3d.store.manifest import spec_from_manifest
+    from gap3d.store.schema import FEATURE_ARRAYS, array_layout
 
-    array_layout, FEATURE_ARRAYS = store_schema()
     src = FeatureStore.open(cfg.store_path)
     shards = src.committed_shards()
     data = {s: _shard_data(src, s) for s in shards}

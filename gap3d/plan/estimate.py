@@ -161,10 +161,8 @@ class Planner(EncodeEstimates, TrainEstimates):
     # ------------------------------------------------------------------ storage
     def storage(self) -> dict[str, Any]:
         """Bytes per sample and in total, per component, for every encoding x compression."""
-        from gap3d.plan.compat import store_schema
         from gap3d.store.manifest import StoreSpec
-
-        array_layout, _ = store_schema()
+        from gap3d.store.schema import array_layout
 
         cal_store = self.cal.get("store") if self._same_encoders() else None
         combos: dict[str, Any] = {}

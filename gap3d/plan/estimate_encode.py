@@ -62,7 +62,7 @@ class EncodeEstimates:
                 MEASURED,
                 "cluster start, model load and warm-up, store creation",
             )
-            finalize = Fig(enc["finalize_s_per_sample"] * N, MEASURED, "statistics pass")
+            finalize = Fig(enc.get("finalize_s_per_sample", 0.0) * N, MEASURED, "statistics pass")
         else:
             flops, fnote = self._encoder_flops(enc)
             peak = self._peak_flops()
@@ -90,15 +90,8 @@ class EncodeEstimates:
             parts["host"] = host
             t = Fig(host.value + dev, ANALYTIC, "host work + device forward, sequential per task")
             startup = Fig(STARTUP_S, ANALYTIC, "cluster start + model load (assumed)")
-            bytes_tok = self.storage()["combos"][self.storage()["configured"]]["groups"][
-                "image tokens"
-            ]["bytes_per_sample"]
-            rate, how = self._disk_rate("read_mb_s")
-            finalize = Fig(
-                N * bytes_tok / (rate * 1e6),
-                ANALYTIC,
-                f"statistics pass reads the image tokens once at {rate:.0f} MB/s ({how})",
-            )
+            # statistics are merged from the moments each shard commit records: no pass
+            finalize = Fig(0.0, ANALYTIC, "merged from per-shard moments (no pass)")
         per_worker = self._shard_loads()
         tasks = per_worker * t.value
         wall = startup.value + tasks + finalize.value
