@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from gap3d.config import Gap3dConfig, ImageEncoderConfig
 from gap3d.layout import TokenLayout
+from gap3d.progress import Progress
 
 __all__ = [
     "LibraryAsset",
@@ -179,9 +179,11 @@ def build_library_index(
     paths = [r for a in assets for r in a.renders]
     bs = max(1, cfg.image_encoder.batch_size)
     chunks = []
-    for i in tqdm(range(0, len(paths), bs), desc="encode library renders", unit="batch"):
-        images = [Image.open(p).convert("RGB") for p in paths[i : i + bs]]
-        chunks.append(encoder.encode(images).float().cpu())
+    with Progress(len(paths), "encode library renders", unit="img") as bar:
+        for i in range(0, len(paths), bs):
+            images = [Image.open(p).convert("RGB") for p in paths[i : i + bs]]
+            chunks.append(encoder.encode(images).float().cpu())
+            bar.update(len(images))
     tokens = torch.cat(chunks)
     layout = TokenLayout.from_dict(layout_d) if layout_d else encoder.layout
     if tuple(tokens.shape[1:]) != (layout.n_tokens, layout.channels):
