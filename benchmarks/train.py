@@ -15,6 +15,8 @@
 2. Training step time at the demo preset on cached tensors vs. a step that first runs the
    demo encoders live (EfficientNet-Lite0 on 224 px images + MiniLM on the captions).
 3. Peak RSS of each measurement (each runs in a fresh spawned process).
+4. Model FLOPs utilisation of the training step (``benchmarks/train_step.py``): analytic
+   FLOPs per step / step time / the matmul peak measured in the same run, fp32 and bf16.
 
 Run: ``.venv/bin/python benchmarks/train.py [--n 2048] [--paper-n 256] [--workers 0 2]``.
 """
@@ -440,7 +442,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="passes per reader (best is kept)")
     p.add_argument("--steps", type=int, default=6, help="timed training steps")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--mfu-only", action="store_true", help="only the step MFU (part 4)")
+    p.add_argument("--compile", action="store_true", help="MFU: also time torch.compile")
     args = p.parse_args()
+    if args.mfu_only:
+        _mfu(args, {})
+        return
     tmp = Path(tempfile.mkdtemp(prefix="gap3d-bench-train-"))
     result: dict[str, Any] = {
         "machine": {
@@ -473,6 +480,26 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    _mfu(args, result)
+
+
+def _mfu(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Part 4: the step's MFU, written to ``train_step.{json,md}`` (and into train.json)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_step
+
+    print("training step MFU, demo preset:")
+    cmd = "python benchmarks/train.py" + (" --mfu-only" if args.mfu_only else "")
+    res = train_step.run(steps=args.steps, compile_=args.compile, command=cmd)
+    out = args.out.parent / "train_step.json"
+    out.write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(train_step.markdown(res))
+    if result:
+        result["train_step_mfu"] = res
+        args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

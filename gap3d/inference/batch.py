@@ -173,7 +173,9 @@ def _row(job: PromptJob, status: str, folder: str, result: dict[str, Any] | None
         "index": job.index,
         "prompt": job.prompt,
         "image": job.image or "",
-        "seed": (result or {}).get("settings", {}).get("seed", job.seed if job.seed else ""),
+        "seed": (result or {})
+        .get("settings", {})
+        .get("seed", "" if job.seed is None else job.seed),
         "status": status,
         "error": err,
         "folder": folder,
