@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 CONFIG ?= demo
 ARGS ?=
 PROMPT ?= a red cube
+PROMPTS ?=
 IMAGE ?=
 OUT ?=
+PORT ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
@@ -15,7 +17,7 @@ export PYOPENGL_PLATFORM ?= egl
 GAP3D := $(BIN)/gap3d
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-all lint format demo-data data cache inspect train resume export eval generate demo bench plan clean
+.PHONY: help setup lock test test-all lint format demo-data data cache inspect train resume export eval generate demo app bench plan clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -24,6 +26,9 @@ help: ## list the targets
 setup: ## create .venv with pinned dependencies (constraints.txt) and gap3d in editable mode
 	@command -v apt-get >/dev/null && ! ldconfig -p | grep -q libEGL.so.1 && \
 		(apt-get update -qq && apt-get install -y -qq libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri >/dev/null) || true
+	@# Debian's Chromium + chromedriver drive the web app's browser test (tests/test_app_browser.py)
+	@command -v apt-get >/dev/null && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } && \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || true
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
@@ -71,11 +76,14 @@ export: ## export the EMA aligner as safetensors + JSON
 eval: ## alignment / retrieval metrics vs baselines on held-out samples
 	$(GAP3D) eval --config $(CONFIG) $(ARGS)
 
-generate: ## PROMPT="..." [IMAGE=path] [OUT=folder]: prompt -> tokens -> 3D asset
-	$(GAP3D) generate --config $(CONFIG) --prompt "$(PROMPT)" $(if $(IMAGE),--image "$(IMAGE)") $(if $(OUT),--out "$(OUT)") $(ARGS)
+generate: ## PROMPT="..." [IMAGE=path] or PROMPTS=file (batch) [OUT=folder]: prompt -> tokens -> 3D asset
+	$(GAP3D) generate --config $(CONFIG) $(if $(PROMPTS),--prompts "$(PROMPTS)",--prompt "$(PROMPT)" $(if $(IMAGE),--image "$(IMAGE)")) $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 demo: ## the whole embedded demo: data -> download -> cache -> train -> eval -> generate
 	$(GAP3D) demo --config $(CONFIG) $(ARGS)
+
+app: ## local web UI on 127.0.0.1 [PORT=7860]: prompt box, 3D viewer, previews, PCA map
+	$(GAP3D) app --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(ARGS)
 
 bench: ## run the benchmarks and write benchmarks/results/*.json (+ the calibration of CONFIG)
 	$(BIN)/python benchmarks/store.py

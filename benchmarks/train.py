@@ -7,14 +7,16 @@
    the demo layout (50 x 1280 tokens, 32 x 384 latents, float16) and optionally a paper-like
    one (1374 x 1024 tokens, 128 x 2048 latents). Targets: Zarr >= 1.5x webdataset and
    >= 0.8x memmap. Files are freshly written, so all read from the page cache. Zarr variants
-   in the same run: ``zarr`` = uncompressed feature arrays read by the direct shard reader
-   (``store_fastread.py``, the default), ``zarr-zstd`` = zstd store, direct reader,
-   ``zarr-legacy`` = zstd store read through zarr-python (the path before the direct reader,
-   ``GAP3D_STORE_FASTREAD=0``). Every reader casts float16 to float32 with torch (~4x faster
+   in the same run: ``zarr`` = uncompressed feature arrays through the trainer's default
+   reader (``reader=auto``), ``zarr-zstd`` = zstd store, default reader, ``zarr-python`` =
+   zstd store read through zarr-python (``reader=zarr``); ``benchmarks/store.py`` compares the
+   reader backends themselves, locally and on S3. Every reader casts float16 to float32 with torch (~4x faster
    than numpy's ``astype`` here), so the comparison measures reading, not the cast.
 2. Training step time at the demo preset on cached tensors vs. a step that first runs the
    demo encoders live (EfficientNet-Lite0 on 224 px images + MiniLM on the captions).
 3. Peak RSS of each measurement (each runs in a fresh spawned process).
+4. Model FLOPs utilisation of the training step (``benchmarks/train_step.py``): analytic
+   FLOPs per step / step time / the matmul peak measured in the same run, fp32 and bf16.
 
 Run: ``.venv/bin/python benchmarks/train.py [--n 2048] [--paper-n 256] [--workers 0 2]``.
 """
@@ -44,7 +46,7 @@ LAYOUTS = {"demo": (1, 0, 7, 7, 1280, 32, 384), "paper": (1, 4, 37, 37, 1024, 12
 BATCH = 32
 PER_SHARD = 256
 ZARR_DIRS = {"none": "features.zarr", "zstd": "features-zstd.zarr"}
-KINDS = ("zarr", "zarr-zstd", "zarr-legacy", "webdataset", "memmap")
+KINDS = ("zarr", "zarr-zstd", "zarr-python", "webdataset", "memmap")
 
 
 # ------------------------------------------------------------------------------ writing
@@ -190,10 +192,10 @@ def build_loader(kind: str, root: Path, workers: int) -> Any:
     block = int(kind.split("block")[1]) if "block" in kind else 1
     sampler = StepBatchSampler(np.arange(n), BATCH, seed=0, block=block)
     if kind.startswith("zarr"):
-        # set before the workers fork, so they inherit it
-        os.environ["GAP3D_STORE_FASTREAD"] = "0" if kind == "zarr-legacy" else "1"
         folder = ZARR_DIRS["none" if kind == "zarr" else "zstd"]
-        return make_loader(StoreBatchDataset(root / folder), sampler, workers, "fork")
+        reader = "zarr" if kind == "zarr-python" else "auto"
+        ds = StoreBatchDataset(root / folder, reader=reader)
+        return make_loader(ds, sampler, workers, "fork")
     if kind == "memmap":
         return make_loader(MemmapBatches(root / "npy"), sampler, workers, "fork")  # type: ignore[arg-type]
     urls = sorted(str(p) for p in (root / "wds").glob("*.tar"))
@@ -237,8 +239,10 @@ def zarr_breakdown(root: str, kind: str = "zarr", repeats: int = 8) -> dict[str,
     (the difference is the per-request cost, as decoding work is the same)."""
     from gap3d.store import FeatureStore
 
-    os.environ["GAP3D_STORE_FASTREAD"] = "0" if kind == "zarr-legacy" else "1"
-    store = FeatureStore.open(Path(root) / ZARR_DIRS["none" if kind == "zarr" else "zstd"])
+    store = FeatureStore.open(
+        Path(root) / ZARR_DIRS["none" if kind == "zarr" else "zstd"],
+        reader="zarr" if kind == "zarr-python" else "auto",
+    )
     n, rng = len(store.indices()), np.random.default_rng(1)
 
     def ms(fields: list[str], contiguous: bool) -> float:
@@ -401,7 +405,7 @@ def bench_layout(
         steady = {k: reads[f"{k}/workers={w}"]["steady_samples_per_s"] for k in KINDS}
         wd, mm = sps["webdataset"], sps["memmap"]
         ratios: dict[str, float] = {"target_vs_webdataset": 1.5, "target_vs_memmap": 0.8}
-        for k in ("zarr", "zarr-zstd", "zarr-legacy"):
+        for k in ("zarr", "zarr-zstd", "zarr-python"):
             key = k.replace("-", "_")
             ratios[f"{key}_vs_webdataset"] = sps[k] / wd
             ratios[f"{key}_vs_memmap"] = sps[k] / mm
@@ -413,13 +417,13 @@ def bench_layout(
             + ", ".join(
                 f"{k} {sps[k] / wd:.2f}x webdataset {sps[k] / mm:.2f}x memmap (after batch 1: "
                 f"{steady[k] / steady['webdataset']:.2f}x, {steady[k] / steady['memmap']:.2f}x)"
-                for k in ("zarr", "zarr-zstd", "zarr-legacy")
+                for k in ("zarr", "zarr-zstd", "zarr-python")
             ),
             flush=True,
         )
     info["reads"] = reads
     info["zarr_breakdown"] = {}
-    for kind in ("zarr", "zarr-zstd", "zarr-legacy"):
+    for kind in ("zarr", "zarr-zstd", "zarr-python"):
         info["zarr_breakdown"][kind] = bd = _measure(zarr_breakdown, str(root), kind)
         print(
             f"  {layout:6s} {kind} batch of {BATCH}, ms (random / contiguous rows): "
@@ -440,7 +444,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="passes per reader (best is kept)")
     p.add_argument("--steps", type=int, default=6, help="timed training steps")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--mfu-only", action="store_true", help="only the step MFU (part 4)")
+    p.add_argument("--compile", action="store_true", help="MFU: also time torch.compile")
     args = p.parse_args()
+    if args.mfu_only:
+        _mfu(args, {})
+        return
     tmp = Path(tempfile.mkdtemp(prefix="gap3d-bench-train-"))
     result: dict[str, Any] = {
         "machine": {
@@ -473,6 +482,26 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    _mfu(args, result)
+
+
+def _mfu(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Part 4: the step's MFU, written to ``train_step.{json,md}`` (and into train.json)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_step
+
+    print("training step MFU, demo preset:")
+    cmd = "python benchmarks/train.py" + (" --mfu-only" if args.mfu_only else "")
+    res = train_step.run(steps=args.steps, compile_=args.compile, command=cmd)
+    out = args.out.parent / "train_step.json"
+    out.write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(train_step.markdown(res))
+    if result:
+        result["train_step_mfu"] = res
+        args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -79,9 +79,21 @@ def _mismatch_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="text prompt")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text prompt")
+    what.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="batch: a text file with one prompt per line, or a CSV with columns prompt "
+        "[,image][,seed]; models load once, one result folder per prompt, plus "
+        "results.csv and results.md (with previews) in --out",
+    )
     p.add_argument("--image", help="optional image for a text+image prompt (VLM encoders only)")
-    p.add_argument("--out", help="output folder (default: <workdir>/generate/<slug>)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: <workdir>/generate/<slug>, or "
+        "<workdir>/generate/batch-<file name> with --prompts)",
+    )
     _aligner_arg(p)
     p.add_argument(
         "--generator",
@@ -99,6 +111,19 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _aligner_arg(p)
     p.add_argument("--out", help="output folder (default: <workdir>/eval)")
     _mismatch_arg(p)
+
+
+def _app_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host", help="address to bind (app.host, default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, help="port (app.port, default 7860)")
+    _aligner_arg(p)
+    p.add_argument(
+        "--generator",
+        choices=["retrieval", "trellis", "features"],
+        help="generator adapter (default: generator.name of the config)",
+    )
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -205,6 +230,15 @@ COMMANDS: dict[str, Command] = {
         "(gap3d bench), published (a named GPU's datasheet) or analytic. Writes "
         "<workdir>/plan/plan.{json,md}.",
         _plan_args,
+    ),
+    "app": Command(
+        "gap3d.app.ui:cli_main",
+        "local web UI to try prompts (Gradio)",
+        "Serve a web page on 127.0.0.1 (app.host/app.port): prompt, optional image, seed, "
+        "steps and CFG; shows the generated 3D asset in an interactive viewer, the preview "
+        "renders, the PCA map of the generated tokens and the result JSON. Uses the exported "
+        "aligner of the config's run (or --aligner) and any generator adapter.",
+        _app_args,
     ),
     "demo": Command(
         "gap3d.demo:cli_main",

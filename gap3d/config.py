@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,36 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("tiny", "demo", "paper")
+# The checkout gap3d runs from (configs/ lives there); relative paths resolve against it.
+REPO_ROOT = CONFIG_DIR.parent
+
+
+def project_root() -> Path:
+    """The folder relative paths in a config (``workdir``, ``store.path``, ...) resolve against.
+
+    ``$GAP3D_ROOT`` if set; else the repository when the working directory is inside it (so a
+    notebook, which Jupyter runs in ``notebooks/``, or a command run from a sub-folder finds
+    ``work/demo`` at the repository root); else the working directory.
+    """
+    env = os.environ.get("GAP3D_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    repo = REPO_ROOT.resolve()
+    if (repo / "configs").is_dir() and (cwd == repo or repo in cwd.parents):
+        return repo
+    return cwd
+
+
+def resolve_path(p: str | Path) -> Path:
+    """``p`` as is when absolute, a URL, or relative to a working directory that *is* the
+    project root; else anchored at :func:`project_root`."""
+    p_str = str(p)
+    path = Path(p_str).expanduser()
+    if path.is_absolute() or "://" in p_str:
+        return path
+    root = project_root()
+    return path if root == Path.cwd().resolve() else root / path
 
 
 # Keys of earlier releases and what took their place (named in the error a stale YAML gets).
@@ -60,6 +91,10 @@ class PromptEncoderConfig:
     # VLMs only: largest prompt image in pixels (Qwen2.5-VL: one token per 28 x 28 px), so that
     # a text+image prompt's image tokens fit max_length in the cache; null = the processor's.
     image_max_pixels: int | None = None
+    # sentence encoders: put the model's own sentence embedding (mean-pooled token states,
+    # L2-normalised, as the model was trained to be used) first in the cached sequence, as one
+    # more state with its mask bit; it carries what the model knows about whole phrases
+    pooled_token: bool = False
 
 
 @dataclass
@@ -270,6 +305,9 @@ class TrainConfig:
     # 1 = uniform shuffle; k > 1 shuffles runs of k consecutive store rows (fewer, contiguous
     # Zarr reads per batch; less diverse batches). See gap3d/trainer/data.py.
     shuffle_block: int = 1
+    # torch.compile the aligner net (fuses the elementwise work; pays a one-off compile of
+    # tens of seconds on a CPU, so it helps long runs; see benchmarks/results/train_step.md)
+    compile: bool = False
 
 
 @dataclass
@@ -304,6 +342,27 @@ class EvalConfig:
     cfg_scale: float = 3.0
     out_dir: str | None = None  # default: <workdir>/eval
     regressor_steps: int | None = None  # default: train.max_steps
+    # new-word prompts per (shape, colour) and kind (new colour word, new shape word, both);
+    # demo library only, 0 = skip (gap3d/evaluation/novel_words.py)
+    novel_prompts_per_kind: int = 1
+
+
+@dataclass
+class AppConfig:
+    """``gap3d app``: the local web UI (Gradio)."""
+
+    host: str = "127.0.0.1"  # loopback only; set 0.0.0.0 deliberately to expose it
+    port: int = 7860
+    max_steps: int = 100  # upper end of the Euler-steps slider
+    examples: list[str] = field(
+        default_factory=lambda: [
+            "a red cube",
+            "a small blue sphere",
+            "a green torus seen from above",
+            "a tall yellow cylinder",
+            "a purple cone",
+        ]
+    )
 
 
 @dataclass
@@ -321,21 +380,27 @@ class Gap3dConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    app: AppConfig = field(default_factory=AppConfig)
     # where the config came from (not part of the schema users write)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     # --- derived paths: one place decides where each stage reads and writes -------------
+    # Relative paths resolve against the project root (``resolve_path``), not whatever folder a
+    # process happens to run in.
     @property
     def work(self) -> Path:
-        return Path(self.workdir)
+        return resolve_path(self.workdir)
 
     @property
     def assets_dir(self) -> Path:
-        return Path(self.generator.library) if self.generator.library else self.work / "assets"
+        lib = self.generator.library
+        return resolve_path(lib) if lib else self.work / "assets"
 
     @property
     def url_list_path(self) -> Path:
-        return Path(self.data.url_list) if self.data.url_list else self.work / "urls.parquet"
+        return (
+            resolve_path(self.data.url_list) if self.data.url_list else self.work / "urls.parquet"
+        )
 
     @property
     def shards_dir(self) -> Path:
@@ -343,12 +408,17 @@ class Gap3dConfig:
 
     @property
     def store_path(self) -> str:
-        """The store's location: a local path or a URL (s3://, gs://, memory://)."""
-        return self.store.path if self.store.path else str(self.work / "features.zarr")
+        """The store's location: a URL (s3://, gs://, memory://, file://) as given, or a local
+        path (relative ones anchored like every other path, see :func:`resolve_path`)."""
+        if not self.store.path:
+            return str(self.work / "features.zarr")
+        if "://" in self.store.path:
+            return self.store.path
+        return str(resolve_path(self.store.path))
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.train.run_dir) if self.train.run_dir else self.work / "train"
+        return resolve_path(self.train.run_dir) if self.train.run_dir else self.work / "train"
 
     @property
     def export_dir(self) -> Path:
@@ -356,7 +426,7 @@ class Gap3dConfig:
 
     @property
     def eval_dir(self) -> Path:
-        return Path(self.eval.out_dir) if self.eval.out_dir else self.work / "eval"
+        return resolve_path(self.eval.out_dir) if self.eval.out_dir else self.work / "eval"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -572,6 +642,8 @@ def validate(cfg: Gap3dConfig) -> None:
         "sample.n_samples": cfg.sample.n_samples,
         "eval.steps": cfg.eval.steps,
         "generator.top_k": cfg.generator.top_k,
+        "app.port": cfg.app.port,
+        "app.max_steps": cfg.app.max_steps,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -635,6 +707,17 @@ def validate(cfg: Gap3dConfig) -> None:
     w = cfg.train.loss_weights
     if min(w.patch, w.cls, w.register) < 0 or w.patch + w.cls + w.register <= 0:
         fail("train.loss_weights", "must be non-negative and not all zero")
+    if cfg.eval.novel_prompts_per_kind < 0:
+        fail("eval.novel_prompts_per_kind", "must be >= 0 (0 skips the new-word evaluation)")
+    if cfg.app.port > 65535:
+        fail("app.port", f"must be a TCP port (1-65535), got {cfg.app.port}")
+    if cfg.prompt_encoder.pooled_token and cfg.prompt_encoder.name != "sentence":
+        fail("prompt_encoder.pooled_token", "is only available for prompt_encoder.name=sentence")
+    if cfg.prompt_encoder.pooled_token and cfg.prompt_encoder.max_length < 2:
+        fail(
+            "prompt_encoder.max_length",
+            "must be >= 2 with pooled_token (one state is the sentence)",
+        )
     if cfg.cluster.torch_threads is not None and cfg.cluster.torch_threads <= 0:
         fail("cluster.torch_threads", "must be > 0 (or null for cores // n_workers)")
     if cfg.aligner.n_queries <= 0:

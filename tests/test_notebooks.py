@@ -18,20 +18,23 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny store (shared fixture) and a 4-step training run on it, via the real CLI."""
+    """A tiny store (shared fixture) and a 4-step training run on it, via the real CLI.
+
+    The config names every path *relatively*; ``GAP3D_ROOT`` anchors them. The notebooks run
+    in ``notebooks/`` (as Jupyter runs them) with their default paths, so a path resolved
+    against the working directory would not find the store.
+    """
     setup = tiny_setup(tmp_path_factory)
-    root = tmp_path_factory.mktemp("nb_run")
-    run_dir = root / "run"
-    config = root / "tiny_test.yaml"
-    overrides = dict(o.split("=", 1) for o in setup.overrides)
+    root = setup.root
+    config = tmp_path_factory.mktemp("nb_run") / "tiny_test.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "base": "tiny",
-                "workdir": overrides["workdir"],
-                "generator": {"library": overrides["generator.library"]},
+                "workdir": "work",
+                "generator": {"library": str(setup.library.relative_to(root))},
                 "train": {
-                    "run_dir": str(run_dir),
+                    "run_dir": "nb_train_run",
                     "max_steps": 4,
                     "warmup_steps": 1,
                     "val_every_n_steps": 2,
@@ -40,15 +43,17 @@ def run(tmp_path_factory):
             }
         )
     )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GAP3D_ROOT": str(root)}
     proc = subprocess.run(
         [sys.executable, "-m", "gap3d.cli", "train", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"config": config, "run_dir": run_dir, "store": setup.store_path}
+    assert (root / "nb_train_run" / "export" / "aligner.json").exists()
+    return {"config": config, "root": root, "store": setup.store_path}
 
 
 def _execute(name: str, env: dict[str, str], monkeypatch) -> nbformat.NotebookNode:
@@ -57,6 +62,8 @@ def _execute(name: str, env: dict[str, str], monkeypatch) -> nbformat.NotebookNo
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, f"{name} needs exactly one cell tagged 'parameters'"
+    for k in ("GAP3D_STORE", "GAP3D_RUN_DIR"):
+        monkeypatch.delenv(k, raising=False)  # the notebooks' defaults must find the data
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))  # the kernel inherits the environment
     monkeypatch.delenv("MPLBACKEND", raising=False)  # keep the kernel's inline backend
@@ -74,7 +81,7 @@ def _images(nb: nbformat.NotebookNode) -> int:
 def test_inspect_cache_notebook(run, monkeypatch):
     nb = _execute(
         "inspect_cache.ipynb",
-        {"GAP3D_CONFIG": run["config"], "GAP3D_STORE": run["store"]},
+        {"GAP3D_CONFIG": run["config"], "GAP3D_ROOT": run["root"]},
         monkeypatch,
     )
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
@@ -84,9 +91,7 @@ def test_inspect_cache_notebook(run, monkeypatch):
 
 def test_training_notebook(run, monkeypatch):
     nb = _execute(
-        "training.ipynb",
-        {"GAP3D_CONFIG": run["config"], "GAP3D_RUN_DIR": run["run_dir"]},
-        monkeypatch,
+        "training.ipynb", {"GAP3D_CONFIG": run["config"], "GAP3D_ROOT": run["root"]}, monkeypatch
     )
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "last logged step 3" in text  # Lightning logs 0-based steps

@@ -72,3 +72,32 @@ def test_flow_loss_of_an_x0_net_is_the_clean_token_mse() -> None:
     loss, parts = flow.loss(x0, cond, mask, torch.Generator().manual_seed(seed))
     torch.testing.assert_close(parts["patch"], x0[:, 1:].square().mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(parts["cls"], x0[:, :1].square().mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_x0_loss_on_the_raw_head_equals_the_t2_weighted_velocity_loss() -> None:
+    """The loss computed from the head's clean-token output is the t^2-weighted v-MSE it
+    replaces, small times (t < X0_T_MIN, the clamp) included."""
+    from gap3d.config import LossWeights
+    from gap3d.trainer.flow import FlowMatching, stream_mse
+
+    net = _net("x0")
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    flow = FlowMatching(net, LAYOUT, LossWeights(), "uniform", 0.0)
+    x0 = torch.randn(64, LAYOUT.n_tokens, LAYOUT.channels)
+    cond, mask = torch.randn(64, 5, 16), torch.ones(64, 5, dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    loss, parts = flow.loss(x0, cond, mask, g)
+    # the same draws, the old way
+    g = torch.Generator().manual_seed(3)
+    t = flow.sample_t(64, g, x0.device)
+    assert (t < X0_T_MIN).any()  # the clamp is exercised
+    eps = torch.randn(x0.shape, generator=g)
+    drop = torch.rand(64, generator=g) < 0.0
+    tb = t[:, None, None]
+    x_t = (1 - tb) * x0 + tb * eps
+    with torch.no_grad():
+        v = net(x_t, t, cond, mask, drop)
+    err = (v - (eps - x0)).square() * t.clamp_min(X0_T_MIN).square()[:, None, None]
+    old = stream_mse(err, LAYOUT)
+    for k in ("patch", "cls"):
+        torch.testing.assert_close(parts[k], old[k], rtol=1e-4, atol=1e-6)

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from gap3d.config import ImageEncoderConfig, PromptEncoderConfig
 from gap3d.layout import TokenLayout
+from gap3d.progress import Progress
 
 # Show a progress bar only when a call spans more batches than this (the encode stage calls
 # the encoders once per shard; a bar per tiny call would flood the worker logs).
@@ -91,7 +91,14 @@ def pack_rows(rows: Sequence[torch.Tensor], max_length: int, pad_to_max: bool) -
 def _batches(n: int, batch_size: int, desc: str) -> Any:
     n_batches = math.ceil(n / batch_size)
     starts = range(0, n, batch_size)
-    return tqdm(starts, total=n_batches, desc=desc, disable=n_batches <= _PROGRESS_MIN_BATCHES)
+    if n_batches <= _PROGRESS_MIN_BATCHES:
+        yield from starts
+        return
+    # a bar on a terminal, plain lines (samples/s) in a log
+    with Progress(n, desc, unit="sample") as bar:
+        for s in starts:
+            yield s
+            bar.update(min(batch_size, n - s))
 
 
 def source_info(encoder: Any) -> dict[str, Any]:

@@ -9,8 +9,9 @@
   conditional mean (blurry, low-contrast grids) while flow matching produces sharp samples.
 
 The regressor is trained on the same train rows as the aligner, with the aligner's loss
-weights per role, and cached under ``<eval_dir>/regressor/`` keyed by everything that
-determines it (store, architecture, steps, rows, seed).
+weights per role, and cached under ``<workdir>/baselines/`` keyed by everything that
+determines it (store, architecture, steps, rows, seed): it is trained once per store and
+split, and every later ``gap3d eval`` reuses it (whatever ``--out`` or aligner it evaluates).
 """
 
 from __future__ import annotations
@@ -24,12 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from gap3d.config import AlignerConfig, Gap3dConfig
 from gap3d.layout import TokenLayout
+from gap3d.progress import Progress
 
-__all__ = ["mean_tokens", "RegressorBaseline", "train_regressor", "load_or_train_regressor"]
+__all__ = [
+    "mean_tokens",
+    "RegressorBaseline",
+    "train_regressor",
+    "load_or_train_regressor",
+    "regressor_cache_dir",
+]
+
+
+def regressor_cache_dir(cfg: Gap3dConfig) -> Path:
+    """Where trained regressor baselines are kept: ``<workdir>/baselines`` (per store)."""
+    return cfg.work / "baselines"
 
 
 @torch.no_grad()
@@ -91,13 +103,14 @@ def train_regressor(
     """Train the regressor for ``steps`` AdamW steps on ``rows`` (batches drawn with the seed)."""
     from gap3d.trainer.flow import stream_weights
     from gap3d.trainer.model import AlignerNet
+    from gap3d.trainer.speed import make_adamw
 
     layout = store.layout
     torch.manual_seed(cfg.seed)
     net = AlignerNet(layout, store.prompt_dim, aligner_cfg).to(device)
     model = RegressorBaseline(net, normalizer.to(device), layout)
     weights = stream_weights(layout, cfg.train.loss_weights)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_adamw(net.parameters(), cfg.train.lr, cfg.train.weight_decay)
     warmup = min(cfg.train.warmup_steps, max(1, steps // 10))
 
     def lr_at(step: int) -> float:  # linear warm-up then cosine, like the aligner's schedule
@@ -110,18 +123,21 @@ def train_regressor(
     rows = np.asarray(rows, dtype=np.int64)
     bs = min(cfg.train.batch_size, len(rows))
     net.train()
-    for _ in tqdm(range(steps), desc="train regressor baseline", unit="step"):
-        idx = np.sort(rng.choice(rows, size=bs, replace=False))
-        batch = store.read(idx)
-        x0 = normalizer.normalize(torch.as_tensor(batch["image_tokens"]).float().to(device))
-        hidden = torch.as_tensor(batch["prompt_latents"]).float().to(device)
-        mask = torch.as_tensor(batch["prompt_mask"]).bool().to(device)
-        loss = _loss(model.forward_normalised(hidden, mask), x0, layout, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
+    fields = ["image_tokens", "prompt_latents", "prompt_mask"]
+    with Progress(steps, "train regressor baseline", unit="step") as bar:
+        for _ in range(steps):
+            idx = np.sort(rng.choice(rows, size=bs, replace=False))
+            batch = store.read(idx, fields=fields)
+            x0 = normalizer.normalize(torch.as_tensor(batch["image_tokens"]).float().to(device))
+            hidden = torch.as_tensor(batch["prompt_latents"]).float().to(device)
+            mask = torch.as_tensor(batch["prompt_mask"]).bool().to(device)
+            loss = _loss(model.forward_normalised(hidden, mask), x0, layout, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            bar.update(1, loss=float(loss.detach()))
     net.eval()
     return model
 

@@ -97,7 +97,69 @@ def markdown(result: dict[str, Any]) -> str:
             ]
             lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += novel_markdown(result.get("novel_words") or {})
     return "\n".join(lines)
+
+
+NOVEL_KINDS = {
+    "colour": "new colour word",
+    "shape": "new shape word",
+    "both": "both new",
+    "all": "all new-word prompts",
+}
+
+
+def novel_markdown(novel: dict[str, Any]) -> list[str]:
+    """The new-word section: top-1 shape+colour per method, kind and seen/held-out combo."""
+    lines = ["## new words: prompts whose colour/shape words no training caption uses", ""]
+    if not novel:
+        return []
+    if "skipped" in novel:
+        return [*lines, f"skipped: {novel['skipped']}", ""]
+    methods = [m for m in ("ours", "regressor", "mean", "encoder_nearest") if m in novel["methods"]]
+    names = {
+        **METHOD_NAMES,
+        "encoder_nearest": "frozen encoder alone (nearest in-vocabulary prompt)",
+    }
+    kinds = [k for k in NOVEL_KINDS if k in novel["methods"]["ours"]]
+    eu = novel.get("encoder_understood", {})
+    lines += [
+        f"{novel['n_prompts']} prompts ({novel['per_kind']} per combination and kind), encoded "
+        "live; cells: top-1 shape+colour on **seen / held-out** combinations. The frozen "
+        f"encoder alone places {eu.get('n', 0)} of them ({eu.get('share', 0.0):.0%}) nearest "
+        "the right in-vocabulary prompt.",
+        "",
+        "| method | " + " | ".join(NOVEL_KINDS[k] for k in kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+    ]
+
+    def cell(table: dict[str, Any], k: str) -> str:
+        row = table.get(k, {})
+        return " / ".join(
+            f"{row[g]['shape_colour']:.3f}" if g in row else "–" for g in ("seen", "heldout")
+        )
+
+    for m in methods:
+        t = novel["methods"][m]
+        lines.append(f"| {names.get(m, m)} | " + " | ".join(cell(t, k) for k in kinds) + " |")
+    under = novel.get("methods_encoder_understood") or {}
+    if "ours" in under:
+        lines.append(
+            "| ours, prompts the encoder places right | "
+            + " | ".join(cell(under["ours"], k) for k in kinds)
+            + " |"
+        )
+    words = novel.get("words", {})
+    lines += [
+        "",
+        "New words: colours "
+        + "; ".join(f"{c}: {', '.join(ws)}" for c, ws in words.get("colour_words", {}).items())
+        + "; shapes "
+        + "; ".join(f"{s}: {', '.join(ws)}" for s, ws in words.get("shape_words", {}).items())
+        + ".",
+        "",
+    ]
+    return lines
 
 
 def _bar(ax: Any, labels: list[str], series: dict[str, list[float]], title: str) -> None:
@@ -210,4 +272,11 @@ def print_summary(result: dict[str, Any]) -> None:
             if m in demo:
                 accs = ", ".join(f"{g} {v['shape_colour']:.3f}" for g, v in demo[m].items())
                 print(f"demo shape+colour top-1 [{m}]: {accs}")
+    novel = result.get("novel_words") or {}
+    if novel and "skipped" not in novel:
+        for m in ("ours", "regressor", "encoder_nearest"):
+            row = novel["methods"].get(m, {}).get("all", {})
+            if row:
+                accs = ", ".join(f"{g} {v['shape_colour']:.3f}" for g, v in row.items())
+                print(f"new-word prompts, shape+colour top-1 [{m}]: {accs}")
     print(f"wrote {', '.join(result.get('files', []))}")

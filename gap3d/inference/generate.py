@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ __all__ = ["GenerateResult", "GenerateSession", "generate", "cli_main", "read_ex
 # other values is refused. Device, batch size and compute dtype may differ between caching and
 # generation. The revision is not compared with the config: the encoder is rebuilt at the
 # recorded (resolved) one, and check_prompt_encoder compares the exact weights afterwards.
-_IDENTITY = ("name", "model", "template", "max_length")
+_IDENTITY = ("name", "model", "template", "max_length", "pooled_token")
 # Recorded fields the encoder is rebuilt with (the pinned commit, the prompt-image size).
 _REBUILD = (*_IDENTITY, "revision", "image_max_pixels")
 
@@ -337,6 +338,39 @@ def _summary(res: GenerateResult) -> str:
     return "\n".join(lines)
 
 
+def batch_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
+    """``gap3d generate --prompts FILE``: models loaded once, one folder per prompt, summary."""
+    from gap3d.inference.batch import read_prompt_file, run_batch
+
+    if getattr(args, "image", None):
+        raise ValueError(
+            "--image applies to a single --prompt; with --prompts give each row's image in an "
+            "'image' column of a CSV"
+        )
+    jobs = read_prompt_file(args.prompts)
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if out is None:
+        out = cfg.work / "generate" / f"batch-{_slug(Path(args.prompts).stem, 32)}"
+    session = GenerateSession(
+        cfg, getattr(args, "aligner", None), generator=getattr(args, "generator", None)
+    )
+    if any(j.image for j in jobs):
+        session.check_image_prompt(next(j.image for j in jobs if j.image))
+    print(f"gap3d generate: {len(jobs)} prompts from {args.prompts} -> {out}/", flush=True)
+    session.load()
+    rows = run_batch(session, jobs, out)
+    failed = [r for r in rows if r["status"] == "failed"]
+    reused = sum(r["status"] == "reused" for r in rows)
+    print(
+        f"done: {len(rows) - len(failed)}/{len(rows)} prompts"
+        + (f" ({reused} reused from an earlier run)" if reused else "")
+        + f"; summary: {out / 'results.csv'}, {out / 'results.md'}"
+    )
+    for r in failed:
+        print(f"  failed #{r['index']} {r['prompt']!r}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
     # The CLI already turned the flags into config overrides; callers that build a namespace
     # themselves (gap3d demo) may set them here too.
@@ -349,6 +383,8 @@ def cli_main(cfg: Gap3dConfig, args: argparse.Namespace) -> int:
         v = getattr(args, flag, None)
         if v is not None:
             setattr(getattr(cfg, section), key, v)
+    if getattr(args, "prompts", None):
+        return batch_main(cfg, args)
     res = generate(
         cfg,
         args.prompt,

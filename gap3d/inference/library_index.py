@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from gap3d.config import Gap3dConfig, ImageEncoderConfig
 from gap3d.encoders.image_input import load_image
 from gap3d.layout import TokenLayout
+from gap3d.progress import Progress
 
 __all__ = [
     "LibraryAsset",
@@ -192,10 +192,12 @@ def build_library_index(
     paths = [r for a in assets for r in a.renders]
     bs = max(1, cfg.image_encoder.batch_size)
     chunks = []
-    for i in tqdm(range(0, len(paths), bs), desc="encode library renders", unit="batch"):
-        # alpha kept: the encoder applies the store's alpha policy (image_input, one path)
-        images = [load_image(p) for p in paths[i : i + bs]]
-        chunks.append(encoder.encode(images).float().cpu())
+    with Progress(len(paths), "encode library renders", unit="img") as bar:
+        for i in range(0, len(paths), bs):
+            # alpha kept: the encoder applies the store's alpha policy (image_input, one path)
+            images = [load_image(p) for p in paths[i : i + bs]]
+            chunks.append(encoder.encode(images).float().cpu())
+            bar.update(len(images))
     tokens = torch.cat(chunks)
     layout = TokenLayout.from_dict(layout_d) if layout_d else encoder.layout
     if tuple(tokens.shape[1:]) != (layout.n_tokens, layout.channels):

@@ -5,6 +5,13 @@ can learn both; everything else varies: template and word order, an optional siz
 derived from the asset's scale, a proportion word (tall cylinder, thin ring), a generic
 material word and, sometimes, the viewpoint. Synonyms are chosen so that none of them is
 ambiguous between two shapes or two colours of the default palette.
+
+The vocabulary is deliberately wide (about ten names per colour, many of them without the
+basic colour word: "ruby", "cobalt blue", "marigold"): an aligner that only ever sees "red"
+can key on one word piece, one that sees many names of a colour has to use what the frozen
+text encoder knows about colour names, which is what carries over to words it never saw.
+The words of the new-word evaluation (``gap3d.evaluation.novel_words``) are kept out of this
+file on purpose; ``tests/test_novel_words.py`` checks that no caption can contain them.
 """
 
 from __future__ import annotations
@@ -12,14 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 SHAPE_SYNONYMS: dict[str, list[str]] = {
-    "cube": ["cube", "box", "cubic block", "block"],
-    "sphere": ["sphere", "ball", "orb", "round ball"],
-    "cylinder": ["cylinder", "tube", "round column", "cylindrical can"],
-    "cone": ["cone", "conical shape", "cone shape"],
-    "torus": ["torus", "ring", "donut", "doughnut shape"],
+    "cube": ["cube", "box", "cubic block", "block", "square block", "cubic box"],
+    "sphere": ["sphere", "ball", "orb", "round ball", "spherical ball"],
+    "cylinder": ["cylinder", "tube", "round column", "cylindrical can", "can"],
+    "cone": ["cone", "conical shape", "cone shape", "conical spike"],
+    "torus": ["torus", "ring", "ring shape", "toroid", "hoop"],
     "capsule": ["capsule", "pill", "rounded rod", "pill shape"],
     "pyramid": ["pyramid", "square pyramid", "four-sided pyramid"],
-    "prism": ["prism", "triangular prism", "wedge", "tent-shaped prism"],
+    "prism": ["prism", "triangular prism", "three-sided prism", "triangular bar"],
     "cuboid": ["cuboid", "rectangular block", "brick", "rectangular box"],
     "tetrahedron": ["tetrahedron", "triangular pyramid", "four-faced solid"],
     "octahedron": ["octahedron", "eight-sided solid", "double pyramid"],
@@ -27,19 +34,101 @@ SHAPE_SYNONYMS: dict[str, list[str]] = {
 }
 
 COLOUR_SYNONYMS: dict[str, list[str]] = {
-    "red": ["red", "bright red", "crimson", "scarlet"],
-    "green": ["green", "emerald green", "grass green"],
-    "blue": ["blue", "cobalt blue", "bright blue", "royal blue"],
-    "yellow": ["yellow", "lemon yellow", "golden yellow"],
-    "orange": ["orange", "tangerine", "bright orange"],
-    "purple": ["purple", "violet", "plum purple"],
-    "white": ["white", "snow-white", "pure white"],
-    "black": ["black", "jet-black", "coal-black"],
-    "grey": ["grey", "gray", "neutral grey"],
-    "gray": ["gray", "grey", "neutral gray"],
+    "red": [
+        "red",
+        "bright red",
+        "deep red",
+        "cherry red",
+        "ruby",
+        "ruby red",
+        "tomato red",
+        "strawberry red",
+        "carmine",
+        "blood-red",
+    ],
+    "green": [
+        "green",
+        "emerald green",
+        "grass green",
+        "leaf green",
+        "bright green",
+        "pine green",
+        "shamrock green",
+        "fern green",
+        "apple green",
+        "kelly green",
+    ],
+    "blue": [
+        "blue",
+        "cobalt blue",
+        "royal blue",
+        "bright blue",
+        "ultramarine",
+        "sky blue",
+        "cornflower blue",
+        "ocean blue",
+        "denim blue",
+        "electric blue",
+    ],
+    "yellow": [
+        "yellow",
+        "lemon yellow",
+        "golden yellow",
+        "sunflower yellow",
+        "banana yellow",
+        "butter yellow",
+        "bright yellow",
+        "daffodil yellow",
+        "sunny yellow",
+    ],
+    "orange": [
+        "orange",
+        "tangerine",
+        "bright orange",
+        "pumpkin orange",
+        "carrot orange",
+        "marigold",
+        "burnt orange",
+        "mango orange",
+        "papaya orange",
+    ],
+    "purple": [
+        "purple",
+        "violet",
+        "plum purple",
+        "deep purple",
+        "grape purple",
+        "royal purple",
+        "orchid purple",
+        "eggplant purple",
+        "mulberry",
+    ],
+    "white": [
+        "white",
+        "snow-white",
+        "pure white",
+        "milk-white",
+        "chalk white",
+        "bright white",
+        "cotton white",
+        "paper white",
+    ],
+    "black": [
+        "black",
+        "jet-black",
+        "coal-black",
+        "pitch-black",
+        "ink-black",
+        "midnight black",
+        "soot black",
+        "deep black",
+        "raven black",
+    ],
+    "grey": ["grey", "gray", "neutral grey", "slate grey", "ash grey"],
+    "gray": ["gray", "grey", "neutral gray", "slate gray", "ash gray"],
     "violet": ["violet", "purple"],
-    "pink": ["pink", "rose pink", "light pink"],
-    "brown": ["brown", "chocolate brown", "dark brown"],
+    "pink": ["pink", "rose pink", "light pink", "bubblegum pink"],
+    "brown": ["brown", "chocolate brown", "dark brown", "coffee brown"],
     "cyan": ["cyan", "turquoise", "aqua"],
 }
 

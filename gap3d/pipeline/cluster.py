@@ -2,7 +2,7 @@
 
 ``open_client`` either starts a ``LocalCluster`` for the duration of a stage (and closes it)
 or attaches to ``cluster.scheduler`` (and leaves that cluster alone). ``gather_with_progress``
-waits for futures with a tqdm bar and *collects* failures instead of raising on the first one,
+waits for futures with progress (a bar on a terminal, plain lines in a log) and *collects* failures instead of raising on the first one,
 so one bad shard never hides the results of the others.
 
 Worker processes and child processes: img2dataset starts processes of its own (a logger and a
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
-from tqdm.auto import tqdm
 
 from gap3d.config import ClusterConfig
+from gap3d.progress import Progress
 
 
 @dataclass
@@ -160,12 +160,14 @@ def gather_with_progress(
     failures: list[TaskFailure] = []
     total = sum(sizes) if sizes is not None else len(futures)
     t0 = time.perf_counter()
-    with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) as bar:
+    n_items = 0  # samples reported by finished tasks (results with an ``n_samples`` field)
+    with Progress(total, desc, unit=unit) as bar:
         for fut in as_completed(list(futures)):
             i = index[id(fut)]
             if fut.status == "finished":
                 try:
                     results[i] = fut.result()
+                    n_items += int(getattr(results[i], "n_samples", 0) or 0)
                 except Exception as e:  # noqa: BLE001 - collected and reported below
                     failures.append(_failure(i, fut.key, e, e.__traceback__))
             elif fut.status == "cancelled":
@@ -175,12 +177,15 @@ def gather_with_progress(
             else:
                 exc = fut.exception()
                 failures.append(_failure(i, fut.key, exc, fut.traceback()))
-            bar.update(sizes[i] if sizes is not None else 1)
-            if failures:
-                bar.set_postfix(failed=len(failures))
+            extra: dict[str, Any] = {"failed": len(failures)} if failures else {}
+            if n_items:
+                rate = n_items / max(time.perf_counter() - t0, 1e-9)
+                extra.update(samples=n_items, samples_per_s=f"{rate:.1f}")
+            bar.update(sizes[i] if sizes is not None else 1, **extra)
     done = len(futures) - len(failures)
     dt = time.perf_counter() - t0
-    print(f"{desc}: {done}/{len(futures)} tasks ok, {len(failures)} failed, {dt:.1f}s")
+    rate = f", {n_items} samples, {n_items / dt:.1f} samples/s" if n_items and dt > 0 else ""
+    print(f"{desc}: {done}/{len(futures)} tasks ok, {len(failures)} failed, {dt:.1f}s{rate}")
     return results, failures
 
 

@@ -39,7 +39,7 @@ from gap3d.pipeline import captions, render, shapes
 LIBRARY_FILE = "library.json"
 PREVIEW_FILE = "preview.png"
 # Bump when meshes, renders or captions change for the same config: old libraries rebuild.
-LIBRARY_VERSION = 2  # 2: renders are RGBA (alpha = object coverage)
+LIBRARY_VERSION = 3  # 2: renders are RGBA (alpha = object coverage); 3: richer captions
 # Columns the demo URL list carries beside url/caption (kept by the download stage).
 DEMO_COLUMNS = ["asset_id", "shape", "colour", "split", "view"]
 RENDER_PROCESSES = 2

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from gap3d.pipeline.shapes import srgb_to_linear
+from gap3d.progress import Progress
 
 # Light, neutral backdrop: white assets stay visible through shading, black ones through
 # contrast. Floats: pyrender reads integer colours as 0-255.
@@ -203,7 +203,7 @@ def render_jobs(
         n_proc, mp_context=ctx, initializer=_init_worker, initargs=(size * SUPERSAMPLE,)
     ) as pool:
         chunk = max(1, len(jobs) // (4 * n_proc))
-        with tqdm(total=n_views, desc=desc, unit="img", leave=False) as bar:
+        with Progress(n_views, desc, unit="img") as bar:
             for job, stats in zip(jobs, pool.map(_render_job, jobs, chunksize=chunk), strict=True):
                 out.append(stats)
                 bar.update(len(job.views))

@@ -32,7 +32,7 @@ ROLES = ("cls", "register", "patch")
 # enough that object stores see few, big objects, small enough that an encode task holds one
 # in memory (paper layout, float16: 64 rows x 2.8 MB = 180 MB).
 TARGET_FILE_BYTES = 256 * 2**20
-# Lossless compression of the arrays the trainer reads (store_files.FEATURE_ARRAYS).
+# Lossless compression of the arrays the trainer reads (schema.FEATURE_ARRAYS).
 COMPRESSIONS = ("none", "zstd")
 # Encoder ``info()`` keys that change what the features *are*; runtime keys such as device,
 # batch size or compute dtype may differ between runs that write one store.

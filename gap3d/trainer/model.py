@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -176,15 +177,26 @@ class AlignerNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def embed_tokens(self, x: Tensor) -> Tensor:
-        """Per-role input embedding of ``x (B, T, C)`` -> ``(B, T, width)``."""
+    def embed_tokens(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """Per-role input embedding of ``x (B, T, C)`` -> ``(B, T, width)``.
+
+        ``scale (B,)`` multiplies the input per sample; it is applied after the (linear)
+        projection, ``W (s x) + b = s (W x) + b``, i.e. on ``width`` instead of ``C`` channels.
+        """
         lay = self.layout
+
+        def embed(lin: nn.Linear, part: Tensor) -> Tensor:
+            if scale is None:
+                return lin(part)
+            s = scale.to(part.dtype)[:, None, None]
+            return torch.addcmul(lin.bias, F.linear(part, lin.weight), s)
+
         parts = []
         if self.cls_embed is not None:
-            parts.append(self.cls_embed(x[:, lay.cls_slice]) + self.cls_role)
+            parts.append(embed(self.cls_embed, x[:, lay.cls_slice]) + self.cls_role)
         if self.reg_embed is not None:
-            parts.append(self.reg_embed(x[:, lay.register_slice]) + self.reg_role)
-        parts.append(self.patch_embed(x[:, lay.patch_slice]) + self.patch_pos)
+            parts.append(embed(self.reg_embed, x[:, lay.register_slice]) + self.reg_role)
+        parts.append(embed(self.patch_embed, x[:, lay.patch_slice]) + self.patch_pos)
         return torch.cat(parts, dim=1)
 
     def forward(
@@ -194,12 +206,14 @@ class AlignerNet(nn.Module):
         cond: Tensor,
         cond_mask: Tensor,
         drop_cond: Tensor | None = None,
+        raw: bool = False,
     ) -> Tensor:
         """Velocity ``(B, T, C)`` at noisy tokens ``x_t (B, T, C)`` and times ``t (B,)``.
 
         ``cond (B, L, D)`` / ``cond_mask (B, L)`` are the cached prompt hidden states and their
         mask; where ``drop_cond (B,)`` is True the whole conditioning is replaced by the learned
-        null condition (classifier-free guidance).
+        null condition (classifier-free guidance). ``raw=True`` returns the head's output
+        itself (the clean-token estimate for ``prediction="x0"``; the loss uses it directly).
         """
         lay = self.layout
         if x_t.ndim != 3 or x_t.shape[1:] != (lay.n_tokens, lay.channels):
@@ -218,7 +232,7 @@ class AlignerNet(nn.Module):
             # analytic (x_t - x0_hat) / t), yet at t -> 1 its embedding swamps the learned patch
             # positions; fade the input with the signal level (1 - t). Measured on the demo:
             # patch cosine at t = 1 stalled at 0.59 (mean-feature baseline 0.80) without this.
-            h = self.embed_tokens(x_t * (1.0 - t)[:, None, None].to(x_t.dtype))
+            h = self.embed_tokens(x_t, scale=1.0 - t)
         else:
             h = self.embed_tokens(x_t)
         for block in self.blocks:
@@ -228,7 +242,7 @@ class AlignerNet(nn.Module):
                 h = block(h, t_mod, rope, c, c_mask)
         shift, scale = (self.final_table[None] + t_emb[:, None]).unbind(1)
         out = self.head(modulate(self.final_norm(h), shift, scale))
-        if self.prediction == "x0":
+        if self.prediction == "x0" and not raw:
             # x0-parameterised velocity (Li & He 2025, "Back to Basics: Let Denoising Generative
             # Models Denoise"): the head predicts clean tokens and v = (x_t - x0_hat) / t, since
             # x_t = (1 - t) x0 + t eps. A width narrower than the token channels (demo: 256 vs

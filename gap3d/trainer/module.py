@@ -28,6 +28,7 @@ from gap3d.trainer.ema import EMA
 from gap3d.trainer.flow import FlowMatching
 from gap3d.trainer.model import AlignerNet, resolve_aligner_size
 from gap3d.trainer.normalize import TokenNormalizer
+from gap3d.trainer.speed import make_adamw
 
 # Config sections whose change makes a checkpoint a different experiment (resume refuses).
 # max_steps may grow (longer run), and run-time knobs (workers, devices, logging) may change.
@@ -137,6 +138,7 @@ class AlignerModule(pl.LightningModule):
         self.ema = EMA(net, tc.ema_decay, warmup=True)
         # Mean-feature baseline (per position, store space), set by the trainer from the store.
         self.register_buffer("mean_tokens", torch.zeros(self.layout.n_tokens, self.layout.channels))
+        self._compiled_net: Any = None  # train.compile: set in on_fit_start
 
     @property
     def net(self) -> AlignerNet:
@@ -165,6 +167,7 @@ class AlignerModule(pl.LightningModule):
             batch["prompt_latents"].float(),
             batch["prompt_mask"].bool(),
             generator=self._step_generator(),
+            net=self._compiled_net,
         )
         bs = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -182,7 +185,7 @@ class AlignerModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         tc = self.cfg.train
-        opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = make_adamw(self.net.parameters(), tc.lr, tc.weight_decay)  # fused where supported
         warmup, total = tc.warmup_steps, tc.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, warmup, total)
@@ -233,6 +236,10 @@ class AlignerModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
+        if self.cfg.train.compile and self._compiled_net is None:
+            # A wrapper around the same parameters, kept out of the module tree (state dict,
+            # EMA and export see the plain net); only the training loss runs through it.
+            object.__setattr__(self, "_compiled_net", torch.compile(self.net, dynamic=False))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema.is_swapped:

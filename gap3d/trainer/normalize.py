@@ -2,7 +2,7 @@
 
 Flow matching starts from unit Gaussian noise, so targets whose channels have very different
 scales (e.g. EfficientNet's pooled token vs. its grid) are easier to learn standardised. The
-store's ``finalize`` computes a channel mean/std per role (``cls_mean``, ``cls_std``,
+store merges a channel mean/std per role from its shards' commit records (``cls_mean``, ``cls_std``,
 ``register_mean``, ``register_std``, ``patch_mean``, ``patch_std``); each array is ``(C,)`` (one
 value per channel for the whole role) or ``(n_role_tokens, C)`` (per token). The paper preset
 stores layer-normed tokens and turns this off (``aligner.normalize_targets: false``): then the
@@ -52,7 +52,7 @@ def expand_stats(
             if key not in stats:
                 raise KeyError(
                     f"normalisation statistics lack '{key}' (have: {', '.join(sorted(stats))}); "
-                    "run the store's finalize step, or set aligner.normalize_targets=false"
+                    "re-run `gap3d cache` (statistics come from the shards' commit records), or set aligner.normalize_targets=false"
                 )
         mean, std = _as_tensor(stats[f"{role}_mean"]), _as_tensor(stats[f"{role}_std"])
         for key, arr in ((f"{role}_mean", mean), (f"{role}_std", std)):
@@ -62,7 +62,7 @@ def expand_stats(
                     f"({layout.channels},) or ({n}, {layout.channels}) for layout {layout}"
                 )
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            raise ValueError(f"statistics of role '{role}' contain NaN/inf; re-run finalize")
+            raise ValueError(f"statistics of role '{role}' contain NaN/inf; re-run `gap3d cache`")
         if scale == "role":
             std = torch.full_like(std, max(float(std.pow(2).mean().sqrt()), 1e-8))
         std = std.abs().clamp_min(max(STD_FLOOR_REL * float(std.abs().mean()), 1e-8))
@@ -116,14 +116,17 @@ class TokenNormalizer(nn.Module):
         self._check(x)
         if not self.enabled:
             return x
-        return ((x.float() - self.mean) / self.std).to(x.dtype)
+        # (x - mean) / std as one fused pass over x: x * (1/std) + (-mean/std); the two small
+        # (T, C) tables cost nothing next to a (B, T, C) batch.
+        inv = self.std.reciprocal()
+        return torch.addcmul(-self.mean * inv, x.float(), inv).to(x.dtype)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Model space -> store space."""
         self._check(x)
         if not self.enabled:
             return x
-        return (x.float() * self.std + self.mean).to(x.dtype)
+        return torch.addcmul(self.mean, x.float(), self.std).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.normalize(x)

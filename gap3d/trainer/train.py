@@ -26,8 +26,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gap3d.config import Gap3dConfig
+from gap3d.trainer import speed
 from gap3d.trainer.data import StoreDataModule, env_is_global_zero
 from gap3d.trainer.module import AlignerModule, resume_fingerprint
+from gap3d.trainer.progress import TextProgress, quiet_lightning
 from gap3d.trainer.run_stats import run_statistics
 
 CKPT_DIR = "checkpoints"
@@ -48,12 +50,32 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto`` -> ``bf16-mixed`` on a CUDA GPU with bf16 support, else ``32-true``."""
-    if precision != "auto":
-        return precision
-    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+def resolve_precision(precision: str, accelerator: str, check: Any = None) -> str:
+    """``auto`` -> ``bf16-mixed`` on a GPU with bf16, or on a CPU whose bf16 matmuls are
+    measured faster (and whose bf16 step agrees with fp32 when ``check`` is given); else
+    ``32-true``. See :func:`gap3d.trainer.speed.resolve_precision`."""
+    return speed.resolve_precision(precision, accelerator, check)[0]
+
+
+def bf16_check(module: AlignerModule, dm: StoreDataModule, cfg: Gap3dConfig) -> Any:
+    """A one-step closure ``check(bf16) -> (loss, grads)`` on a real training batch, for the
+    fp32-vs-bf16 agreement test of ``train.precision=auto``."""
+    rows = dm.train_rows[: cfg.train.batch_size]
+
+    def check(bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch = dm.open_store().read(rows, fields=["image_tokens", "prompt_latents", "prompt_mask"])
+        x0 = module.normalizer.normalize(torch.as_tensor(batch["image_tokens"]).float())
+        cond = torch.as_tensor(batch["prompt_latents"]).float()
+        mask = torch.as_tensor(batch["prompt_mask"]).bool()
+        module.net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = module.flow.loss(x0, cond, mask, torch.Generator().manual_seed(cfg.seed))
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in module.net.parameters() if p.grad is not None]
+        module.net.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    return check
 
 
 def experiment_hash(config: dict[str, Any]) -> str:
@@ -147,9 +169,20 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def build_trainer(cfg: Gap3dConfig, callbacks: list[Callback] | None = None) -> pl.Trainer:
-    """The Lightning trainer for ``cfg.train`` (step-based validation and checkpoints)."""
+def build_trainer(
+    cfg: Gap3dConfig, callbacks: list[Callback] | None = None, precision: str | None = None
+) -> pl.Trainer:
+    """The Lightning trainer for ``cfg.train`` (step-based validation and checkpoints).
+
+    On a terminal Lightning shows its progress bar; when stdout is redirected the bar is off
+    and :class:`TextProgress` prints plain lines (steps/s, ETA, loss) instead.
+    """
+    from gap3d.progress import plain_output
+
+    quiet_lightning()
     tc, run_dir = cfg.train, cfg.run_dir
+    plain = plain_output()
+    extra: list[Callback] = [TextProgress()] if plain else []
     ckpt = StepCheckpoint(
         dirpath=run_dir / CKPT_DIR,
         filename="step{step:08d}",
@@ -165,14 +198,15 @@ def build_trainer(cfg: Gap3dConfig, callbacks: list[Callback] | None = None) -> 
         accelerator=tc.accelerator,
         devices=tc.devices,
         strategy=tc.strategy,
-        precision=resolve_precision(tc.precision, tc.accelerator),  # type: ignore[arg-type]
+        precision=precision or resolve_precision(tc.precision, tc.accelerator),  # type: ignore[arg-type]
         gradient_clip_val=tc.grad_clip if tc.grad_clip > 0 else None,
         val_check_interval=tc.val_every_n_steps,
         check_val_every_n_epoch=None,  # validate every N steps, across epoch boundaries
         num_sanity_val_steps=0,
         log_every_n_steps=tc.log_every_n_steps,
         logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tb")],
-        callbacks=[ckpt, *(callbacks or [])],
+        callbacks=[ckpt, *extra, *(callbacks or [])],
+        enable_progress_bar=not plain,
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # the sampler shards batches per rank itself
         deterministic=tc.deterministic,
@@ -213,8 +247,12 @@ def train(
     resume: str | None = None,
     stop_at_step: int | None = None,
     export: bool = True,
+    callbacks: list[Callback] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) per ``cfg``; returns metrics, checkpoint and export paths."""
+    """Train (or resume) per ``cfg``; returns metrics, checkpoint and export paths.
+
+    ``callbacks`` are added to the Lightning trainer (benchmarks time steps with one).
+    """
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = StoreDataModule(cfg)
@@ -246,12 +284,15 @@ def train(
     module = AlignerModule(cfg.to_dict(), info, experiment_hash(cfg.to_dict()), stats=stats)
     module.mean_tokens.copy_(mean_tokens)
 
-    callbacks: list[Callback] = [_MaxStepsStop(stop_at_step)] if stop_at_step else []
+    callbacks = [*(callbacks or []), *([_MaxStepsStop(stop_at_step)] if stop_at_step else [])]
     if cfg.train.trace_batches:
         from gap3d.trainer.trace import BatchTrace
 
         callbacks.append(BatchTrace(cfg.run_dir))
-    trainer = build_trainer(cfg, callbacks)
+    precision, why = speed.resolve_precision(
+        cfg.train.precision, cfg.train.accelerator, bf16_check(module, dm, cfg)
+    )
+    trainer = build_trainer(cfg, callbacks, precision)
     lay = store.layout
     n_params = sum(p.numel() for p in module.net.parameters())
     say(
@@ -271,8 +312,10 @@ def train(
         f"{n_params / 1e6:.2f} M params"
     )
     say(
-        f"run      precision {trainer.precision}, device {trainer.strategy.root_device} x "
-        f"{trainer.world_size}, {cfg.train.max_steps} steps, run dir {cfg.run_dir}"
+        f"run      precision {trainer.precision} ({why}), device "
+        f"{trainer.strategy.root_device} x {trainer.world_size}, {cfg.train.max_steps} steps"
+        + (", torch.compile" if cfg.train.compile else "")
+        + f", run dir {cfg.run_dir}"
         + (f", resuming from {ckpt_path}" if ckpt_path else "")
     )
 
