@@ -1,4 +1,4 @@
-"""``gap3d generate --prompts FILE``: one folder per prompt, results.csv + results.md."""
+"""``gap3d generate --prompts FILE``: one folder per prompt, ``results.csv`` + ``results.md``."""
 
 from __future__ import annotations
 
