@@ -159,6 +159,39 @@ def moto_server(port: int) -> subprocess.Popen:
             time.sleep(0.3)
 
 
+def server_ceiling(layout: str, threads: int = 16) -> dict[str, Any]:
+    """What the loopback server itself serves: concurrent GETs of one object the size of a row's
+    image tokens (boto3, ``threads`` at once). A random store row costs one ranged GET per array
+    (tokens, latents, mask), so rows/s on S3 cannot exceed about GETs/s / 3 on this server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    lay, L, D, n, _, _ = LAYOUTS[layout]
+    size = lay.n_tokens * lay.channels * 2
+    client = boto3.client("s3")
+    key = f"ceiling/{layout}.bin"
+    client.put_object(Bucket="gap3d-bench", Key=key, Body=os.urandom(size))
+    count = 400 if size < 1_000_000 else 96
+
+    def get(_: int) -> int:
+        return len(client.get_object(Bucket="gap3d-bench", Key=key)["Body"].read())
+
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(get, range(threads)))  # warm the connection pool
+        t0 = time.perf_counter()
+        total = sum(ex.map(get, range(count)))
+        dt = time.perf_counter() - t0
+    return {
+        "object_bytes": size,
+        "gets": count,
+        "threads": threads,
+        "gets_per_s": count / dt,
+        "MB_per_s": total / dt / 1e6,
+        "rows_per_s_bound": count / dt / 3,
+    }
+
+
 def prepare(layout: str, s3: bool) -> dict[str, Any]:
     """Write the layout's store locally (+ memmaps) and on S3; returns where they are."""
     n, n_batches = LAYOUTS[layout][3], LAYOUTS[layout][5]
@@ -213,6 +246,9 @@ def run_all(layouts: list[str], s3: bool, repeats: int) -> dict[str, Any]:
                     print(
                         f"[{name}] s3 tensorstore block {BLOCK}/{workers}: {m['samples_per_s']:.0f}/s"
                     )
+    if s3:
+        for name in layouts:
+            res[name]["s3_ceiling"] = server_ceiling(name)
     for p in ready.values():
         shutil.rmtree(p["folder"], ignore_errors=True)
     return res
@@ -254,6 +290,13 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(
                 f"- {layout}, S3 tensorstore vs local, 2 workers: **{ratio:.2f}x** (>= 0.3)"
             )
+        c = r.get("s3_ceiling")
+        if c:
+            lines.append(
+                f"- {layout}, the loopback server alone: {c['gets_per_s']:.0f} GETs/s of "
+                f"{c['object_bytes'] / 1e3:.0f} kB ({c['MB_per_s']:.0f} MB/s, {c['threads']} "
+                f"threads): at most ~{c['rows_per_s_bound']:.0f} random rows/s (3 arrays a row)"
+            )
         ts_fr = loc["tensorstore/0"]["samples_per_s"] / loc["fastread/0"]["samples_per_s"]
         lines.append(f"- {layout}, local, tensorstore vs fastread, 0 workers: {ts_fr:.2f}x")
     return "\n".join(lines) + "\n"
@@ -264,7 +307,27 @@ def main() -> None:
     ap.add_argument("--layouts", default="demo,paper")
     ap.add_argument("--no-s3", action="store_true", help="skip the loopback S3 runs")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="only measure the loopback server's own GET rate into the existing results",
+    )
     args = ap.parse_args()
+    if args.ceiling_only:
+        from gap3d.pipeline.server import free_port
+
+        out = ROOT / "benchmarks" / "results"
+        res = json.loads((out / "store.json").read_text())
+        server = moto_server(free_port())
+        try:
+            for name in res["layouts"]:
+                res["layouts"][name]["s3_ceiling"] = server_ceiling(name)
+        finally:
+            server.terminate()
+        (out / "store.json").write_text(json.dumps(res, indent=1))
+        (out / "store.md").write_text(markdown(res))
+        print(markdown(res))
+        return
     torch.set_num_threads(1)
     WORK.mkdir(parents=True, exist_ok=True)
     server = None

@@ -79,3 +79,23 @@ def test_text_progress_prints_step_rate_eta_loss():
 def test_forced_modes(monkeypatch, value):
     monkeypatch.setenv("GAP3D_PROGRESS", value)
     assert plain_output() is (value == "plain")
+
+
+@pytest.mark.parametrize("mode, expect_bar", [("plain", False), ("bar", True)])
+def test_model_loading_bars_only_on_a_terminal(mode, expect_bar):
+    """transformers' "Loading weights" bar (carriage returns) stays out of a log."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from gap3d.config import load_config\n"
+        "from gap3d.encoders.registry import build_prompt_encoder\n"
+        "build_prompt_encoder(load_config('demo').prompt_encoder)\n"
+    )
+    env = {**os.environ, "GAP3D_PROGRESS": mode, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ("Loading weights" in run.stderr) is expect_bar

@@ -39,6 +39,17 @@ def register_image_encoder(name: str, factory: str | Factory) -> None:
     IMAGE_ENCODERS[name] = factory
 
 
+def _quiet_loading_bars() -> None:
+    """No "Loading weights" bars from transformers in a log (stdout not a terminal): a bar
+    redrawn with carriage returns is one unreadable line there."""
+    from gap3d.progress import plain_output
+
+    if plain_output():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _factory(table: dict[str, str | Factory], name: str, what: str) -> Factory:
     if name not in table:
         raise ValueError(f"unknown {what} '{name}' (available: {', '.join(sorted(table))})")
@@ -51,6 +62,7 @@ def _factory(table: dict[str, str | Factory], name: str, what: str) -> Factory:
 
 def build_prompt_encoder(cfg: PromptEncoderConfig) -> PromptEncoder:
     """The frozen prompt encoder named by ``cfg.name`` (eval mode, no gradients)."""
+    _quiet_loading_bars()
     encoder = _factory(PROMPT_ENCODERS, cfg.name, "prompt encoder")(cfg)
     if not isinstance(encoder, PromptEncoder):
         raise TypeError(f"prompt encoder '{cfg.name}' built a {type(encoder).__name__}")
@@ -59,6 +71,7 @@ def build_prompt_encoder(cfg: PromptEncoderConfig) -> PromptEncoder:
 
 def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
     """The frozen image encoder named by ``cfg.name`` (eval mode, no gradients)."""
+    _quiet_loading_bars()
     encoder = _factory(IMAGE_ENCODERS, cfg.name, "image encoder")(cfg)
     if not isinstance(encoder, ImageEncoder):
         raise TypeError(f"image encoder '{cfg.name}' built a {type(encoder).__name__}")
