@@ -50,6 +50,13 @@ def stream_weights(layout: TokenLayout, weights: LossWeights) -> dict[str, float
     return {k: v / total for k, v in raw.items()}
 
 
+def _is_fake(x: Tensor) -> bool:
+    """A tensor without data (``FakeTensorMode``), whose values cannot decide a branch."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
+
+
 class FlowMatching(nn.Module):
     """Rectified-flow loss and sampler around a velocity network.
 
@@ -133,7 +140,10 @@ class FlowMatching(nn.Module):
             # it skips the division and the velocity target (fewer passes over (B, T, C)).
             x0_hat = net(x_t, t, cond, mask, drop, raw=True)
             shift = (t - t.clamp_min(X0_T_MIN)).to(x0.dtype)[:, None, None]  # 0 for t >= t_min
-            goal = torch.addcmul(x0, shift, eps - x0) if bool((shift != 0).any()) else x0
+            # the shift is 0 for almost every batch: skip that pass over (B, T, C) when it is,
+            # except under fake tensors (gap3d plan traces this step), which hold no values
+            exact = _is_fake(shift) or bool((shift != 0).any())
+            goal = torch.addcmul(x0, shift, eps - x0) if exact else x0
             err = (x0_hat.float() - goal.float()).square()
         else:
             v = net(x_t, t, cond, mask, drop)
