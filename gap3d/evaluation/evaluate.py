@@ -37,9 +37,9 @@ from gap3d.encoders.pinning import check_encoder
 from gap3d.evaluation.baselines import load_or_train_regressor, mean_tokens, regressor_cache_dir
 from gap3d.evaluation.novel_eval import novel_word_eval
 from gap3d.evaluation.report import print_summary, write_report
+from gap3d.evaluation.sampling import sample_batches
 from gap3d.layout import TokenLayout
 from gap3d.metrics import alignment_metrics, pool_features, retrieval_recall
-from gap3d.progress import Progress
 
 __all__ = ["eval_rows", "evaluate", "cli_main"]
 
@@ -203,24 +203,11 @@ def evaluate(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    chunks = []
-    bs = max(1, cfg.train.batch_size)
-    with Progress(len(rows), "sample eval prompts", unit="sample") as bar:
-        for i in range(0, len(rows), bs):
-            chunks.append(
-                aligner.sample(
-                    hidden[i : i + bs].to(device),
-                    mask[i : i + bs].to(device),
-                    steps=cfg.eval.steps,
-                    cfg_scale=cfg.eval.cfg_scale,
-                    seed=cfg.seed + i,
-                    n_samples=1,
-                )
-                .float()
-                .cpu()
-            )
-            bar.update(min(bs, len(rows) - i))
-    preds = {"ours": torch.cat(chunks)}
+    preds = {
+        "ours": sample_batches(
+            aligner, hidden, mask, cfg, device, cfg.seed, "sample eval prompts", "sample"
+        )
+    }
     timings["ours_sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -32,7 +32,7 @@ from gap3d.evaluation.novel_words import (
     library_captions,
     novel_prompts,
 )
-from gap3d.progress import Progress
+from gap3d.evaluation.sampling import sample_batches
 
 __all__ = ["novel_word_eval", "hits_table"]
 
@@ -133,24 +133,11 @@ def novel_word_eval(
     understood = np.array([g == (p.shape, p.colour) for g, p in zip(enc_got, prompts, strict=True)])
 
     device = aligner.device if hasattr(aligner, "device") else "cpu"
-    bs = max(1, cfg.train.batch_size)
-    chunks = []
-    with Progress(len(prompts), "new-word prompts", unit="prompt") as bar:
-        for i in range(0, len(prompts), bs):
-            chunks.append(
-                aligner.sample(
-                    hidden[i : i + bs].to(device),
-                    mask[i : i + bs].to(device),
-                    steps=cfg.eval.steps,
-                    cfg_scale=cfg.eval.cfg_scale,
-                    seed=cfg.seed + 7919 + i,
-                    n_samples=1,
-                )
-                .float()
-                .cpu()
-            )
-            bar.update(min(bs, len(prompts) - i))
-    tokens = {"ours": torch.cat(chunks)}
+    tokens = {
+        "ours": sample_batches(
+            aligner, hidden, mask, cfg, device, cfg.seed + 7919, "new-word prompts", "prompt"
+        )
+    }
     for name, fn in predictors.items():
         tokens[name] = fn(hidden, mask)
 
