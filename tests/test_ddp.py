@@ -14,11 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _kill import run_and_kill_when
 from test_datamodule import PROMPT_LEN, make_synthetic_store
 
 from gap3d.trainer.trace import read_trace
@@ -103,26 +103,17 @@ def test_ddp_kill_mid_epoch_and_resume_is_exact(ddp_runs) -> None:  # noqa: ANN0
     tmp = ddp_runs["tmp"]
     run = tmp / "killed"
     cmd = _cmd(tmp, run, 2, 2)
-    log = (tmp / "killed.log").open("w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp, start_new_session=True
+    trace = run / "trace" / "rank-0.jsonl"
+    # step 7 done: the checkpoint of step 6 is on disk, epoch 0 is not over (9 steps)
+    rc = run_and_kill_when(
+        cmd,
+        lambda: trace.exists() and trace.read_text().count("\n") >= 7,
+        tmp / "killed.log",
+        300,
+        env=_env(),
+        cwd=tmp,
     )
-    try:
-        deadline = time.monotonic() + 300
-        trace = run / "trace" / "rank-0.jsonl"
-        while time.monotonic() < deadline and proc.poll() is None:
-            # step 7 done: the checkpoint of step 6 is on disk, epoch 0 is not over (9 steps)
-            if trace.exists() and trace.read_text().count("\n") >= 7:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=60)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL, (tmp / "killed.log").read_text()[-3000:]
+    assert rc == -signal.SIGKILL, (tmp / "killed.log").read_text()[-3000:]
     done = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert 3 <= done["global_step"] < 9, "the kill should land mid-epoch after a checkpoint"
 

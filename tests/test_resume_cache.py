@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _kill import run_and_kill_when
 
 from gap3d.pipeline.encode import cache
 from gap3d.store import FeatureStore
@@ -23,29 +21,9 @@ def _markers(store_path: Path) -> list[Path]:
 
 def _kill_after_first_commit(argv: list[str], store_path: Path, log: Path) -> int:
     """Run ``argv`` in its own process group; SIGKILL it once one shard has committed."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if store_path.is_dir() and _markers(store_path):
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=30)
-    finally:
-        # Nothing it started may outlive the test (its process group is its own).
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return proc.returncode
+    return run_and_kill_when(
+        argv, lambda: store_path.is_dir() and bool(_markers(store_path)), log, 240, poll=0.005
+    )
 
 
 def test_kill_and_resume_matches_clean_run(tiny_data, inproc_client, tmp_path: Path) -> None:

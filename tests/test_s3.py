@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _kill import run_and_kill_when
 
 from gap3d.pipeline.server import free_port
 from gap3d.store import FeatureStore
@@ -122,29 +123,14 @@ def test_cache_train_resume_on_s3(tiny_data, s3_env: dict[str, str], tmp_path: P
     ]
 
     # 1. cache, SIGKILLed once the first shard has committed
-    log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(
+    rc = run_and_kill_when(
         [sys.executable, "-m", "gap3d.cli", "cache", *common],
+        lambda: bool(_commits("stores/tiny/features.zarr")),
+        tmp_path / "killed.log",
+        300,
         env=s3_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _commits("stores/tiny/features.zarr"):
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert rc == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     committed = FeatureStore.open(store_url).committed_shards()
     assert 1 <= len(committed) < n, "the kill came too late to test a resume"
 
