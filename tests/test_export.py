@@ -25,14 +25,6 @@ LAYOUT = TokenLayout(1, 2, 3, 2, 8)
 PROMPT_DIM = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def store_stats(layout: TokenLayout = LAYOUT, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     c = layout.channels

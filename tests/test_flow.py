@@ -13,16 +13,6 @@ from gap3d.trainer.model import AlignerNet
 LAYOUT = TokenLayout(1, 2, 3, 3, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; spinning OpenMP threads on a shared, loaded
-    2-core machine made the overfit test 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize_zero_init(net: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

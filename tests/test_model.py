@@ -22,16 +22,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; spinning OpenMP threads on a loaded, shared
-    2-core machine slow them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(depth: int = 1, n_queries: int = 4) -> AlignerConfig:
     return AlignerConfig(preset="tiny", n_queries=n_queries, resampler_depth=depth)
 

@@ -25,14 +25,6 @@ COMMON = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def logged(run_dir: Path, key: str) -> dict[int, float]:
     """``{step: value}`` over all CSV versions of a run (a resumed run writes a new one)."""
     out: dict[int, float] = {}

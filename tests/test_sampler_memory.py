@@ -19,14 +19,6 @@ from gap3d.trainer.model import X0_T_MIN, AlignerNet
 LAYOUT = TokenLayout(1, 2, 3, 3, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FixedX0Net(torch.nn.Module):
     """An x0-net whose head always predicts ``target`` (conditional) or ``null`` (dropped),
     converted to a velocity exactly like AlignerNet does (clamped t)."""

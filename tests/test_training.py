@@ -19,15 +19,6 @@ from gap3d.trainer.export_cli import export_checkpoint
 from gap3d.trainer.train import resolve_precision, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CPU is shared: two threads on a tiny model are ~10x slower than one here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read_csv(run_dir: Path) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for f in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
