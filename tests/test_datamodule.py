@@ -42,8 +42,13 @@ def make_synthetic_store(
     layout: TokenLayout = LAYOUT,
     prompt_len: int = PROMPT_LEN,
     prompt_dim: int = PROMPT_DIM,
+    layout_seed: int | None = None,
 ) -> FeatureStore:
-    """A store of ``n_shards * per_shard`` samples with learnable structure (see module doc)."""
+    """A store of ``n_shards * per_shard`` samples with learnable structure (see module doc).
+
+    ``layout_seed`` permutes each shard's samples before writing: the same samples (keys,
+    data) at other rows, as two download runs of one URL list write them.
+    """
     rng = np.random.default_rng(seed)
     protos = rng.normal(0, 1, (concepts, layout.n_tokens, layout.channels)) * 2.0
     # One vector per concept for all patches: absolute patch position is not what this data
@@ -68,6 +73,10 @@ def make_synthetic_store(
             ..., None
         ]
         tok = protos[c] + 0.05 * rng.normal(size=(per_shard, layout.n_tokens, layout.channels))
+        keys = np.array([f"{s}-{i}" for i in range(per_shard)])
+        if layout_seed is not None:
+            at = np.random.default_rng([layout_seed, s]).permutation(per_shard)
+            c, mask, lat, tok, keys = c[at], mask[at], lat[at], tok[at], keys[at]
         store.write_shard(
             s,
             ShardData(
@@ -75,7 +84,7 @@ def make_synthetic_store(
                 prompt_latents=lat.astype(np.float32),
                 prompt_mask=mask,
                 caption=[f"concept {k}" for k in c],
-                key=[f"{s}-{i}" for i in range(per_shard)],
+                key=keys.tolist(),
                 url=[""] * per_shard,
                 split=["heldout" if k == concepts - 1 else "train" for k in c],
                 meta=[{"concept": int(k)} for k in c],
@@ -243,3 +252,36 @@ def test_refusals(tmp_path: Path, store_path: Path) -> None:
         StoreDataModule(tiny_cfg(tmp_path, store_path, "prompt_encoder.max_length=48")).setup()
     with pytest.raises(FileNotFoundError, match="gap3d cache"):
         StoreDataModule(tiny_cfg(tmp_path, tmp_path / "nope.zarr")).setup()
+
+
+def test_batches_and_eval_rows_do_not_depend_on_the_row_layout(tmp_path: Path) -> None:
+    """Two caches of the same samples in different row orders (download order varies between
+    runs) give the same training batches and the same evaluated samples, in the same order."""
+    from gap3d.evaluation.evaluate import eval_rows
+
+    seen = {}
+    for name, layout_seed in (("a", None), ("b", 7)):
+        path = tmp_path / f"{name}.zarr"
+        store = make_synthetic_store(path, layout_seed=layout_seed)
+        cfg = tiny_cfg(tmp_path / name, path, "eval.n_samples=6")
+        dm = StoreDataModule(cfg)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        batches = [b for _ in range(2) for b in loader]  # two data epochs
+        keys = store.read(np.arange(len(store)), fields=["key"])["key"]
+        _, val, held, _ = eval_rows(cfg, store)
+        seen[name] = {
+            "row_keys": keys,
+            "batch_keys": [[keys[i] for i in b["index"].tolist()] for b in batches],
+            "tokens": [b["image_tokens"] for b in batches],
+            "val": [keys[i] for i in val],
+            "held": [keys[i] for i in held],
+        }
+    a, b = seen["a"], seen["b"]
+    assert a["row_keys"] != b["row_keys"]  # the layouts really differ
+    assert a["batch_keys"] == b["batch_keys"]
+    assert all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"], strict=True))
+    assert a["val"] == b["val"] and a["held"] == b["held"]
+    # subsets of both groups were chosen, so the choice itself is what is compared
+    n_held = len(FeatureStore.open(tmp_path / "a.zarr").indices(split="heldout"))
+    assert 0 < len(a["held"]) < n_held and 0 < len(a["val"]) < cfg.train.val_samples

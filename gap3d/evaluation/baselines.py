@@ -126,7 +126,7 @@ def train_regressor(
     fields = ["image_tokens", "prompt_latents", "prompt_mask"]
     with Progress(steps, "train regressor baseline", unit="step") as bar:
         for _ in range(steps):
-            idx = np.sort(rng.choice(rows, size=bs, replace=False))
+            idx = rng.choice(rows, size=bs, replace=False)  # rows come in key order
             batch = store.read(idx, fields=fields)
             x0 = normalizer.normalize(torch.as_tensor(batch["image_tokens"]).float().to(device))
             hidden = torch.as_tensor(batch["prompt_latents"]).float().to(device)

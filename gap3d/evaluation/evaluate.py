@@ -5,7 +5,9 @@ Evaluation rows (never trained on):
   the threshold in ``<run_dir>/split.json``; the trainer's rule when the file is missing) —
   seen (shape, colour) combinations, unseen images;
 * ``heldout``: every store row with ``split == "heldout"`` — combinations never trained on.
-At most ``eval.n_samples`` rows in total (evenly spaced in each group, proportionally).
+At most ``eval.n_samples`` rows in total, split between the groups in proportion: the
+first rows of each group by the (seed, key) score, i.e. a seeded random subset that is the
+same for the same samples however the store laid them out.
 
 Metrics per method and group (docs/METHOD.md, "Evaluation"): alignment metrics of
 ``gap3d.metrics.alignment_metrics`` (patch / CLS / registers), text->image Recall@1/5/10 with
@@ -46,19 +48,22 @@ __all__ = ["eval_rows", "evaluate", "cli_main"]
 METHODS = ("ours", "regressor", "mean")
 
 
-def _spread(rows: np.ndarray, n: int) -> np.ndarray:
-    """``n`` evenly spaced entries of sorted ``rows`` (all of them when ``n >= len``)."""
-    rows = np.sort(rows)
-    if n >= len(rows):
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]
+def heldout_by_score(store: Any, seed: int) -> np.ndarray:
+    """The valid ``heldout`` rows ordered by their (seed, key) score: a seeded order that does
+    not depend on where the cache stage wrote each sample (see ``split.split_rows``)."""
+    from gap3d.trainer.split import by_score, scores
+
+    index = store.index()
+    sel = index.mask(valid_only=True, split="heldout")
+    return by_score(index.rows[sel], scores(index.key_hash[sel], seed))
 
 
 def eval_rows(cfg: Gap3dConfig, store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """``(train_rows, val_rows, heldout_rows, note)`` with the trainer's split."""
+    """``(train_rows, val_rows, heldout_rows, note)`` with the trainer's split; val and
+    held-out rows ordered by the (seed, key) score, so a subset is their first rows."""
     from gap3d.trainer.data import split_store
 
-    heldout = store.indices(valid_only=True, committed_only=True, split="heldout")
+    heldout = heldout_by_score(store, cfg.seed)
     # The trainer's own split: its threshold from <run_dir>/split.json, or chosen the way the
     # trainer would choose it when there is none (nothing is written here).
     train, val, note = split_store(store, cfg, write=False)
@@ -67,8 +72,8 @@ def eval_rows(cfg: Gap3dConfig, store: Any) -> tuple[np.ndarray, np.ndarray, np.
     if total == 0:
         raise ValueError("no evaluation rows: the store has no validation or held-out samples")
     n_val = len(val) if total <= n else max(1 if len(val) else 0, round(n * len(val) / total))
-    val = _spread(val, n_val)
-    heldout = _spread(heldout, max(0, min(len(heldout), n - len(val))))
+    val = val[:n_val]
+    heldout = heldout[: max(0, min(len(heldout), n - len(val)))]
     return train, val, heldout, note
 
 

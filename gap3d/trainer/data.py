@@ -18,8 +18,12 @@ Training never runs an encoder: a batch is ``image_tokens``, ``prompt_latents`` 
   its own slice of the global batch, so the order does not depend on Lightning's
   ``DistributedSampler`` (we pass ``use_distributed_sampler=False``).
 * **One store read per batch.** The sampler yields whole index lists and the dataset reads
-  them with one sorted ``store.read`` call (tensorstore: all rows of all arrays in one
-  concurrent request). Each worker process opens its own store handle; a parent that forks
+  them with one ``store.read`` call (rows read sorted, then put back in the batch's order;
+  tensorstore: all rows of all arrays in one concurrent request).
+* **The same samples, the same run.** Training rows are ordered by the (seed, key) split
+  score before each epoch's permutation, and batches keep that order: the download stage
+  writes samples in the order they finish, so two caches of the same data differ in row
+  layout, and a run that followed row order would train on different batches from each. Each worker process opens its own store handle; a parent that forks
   workers reads through zarr-python itself, since tensorstore does not survive a fork.
 """
 
@@ -146,7 +150,10 @@ class StoreBatchDataset(Dataset):
         return len(self.store)
 
     def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        idx = np.sort(np.asarray(rows, dtype=np.int64))  # sorted = chunk-local reads
+        # In the order asked (the store reads sorted rows and gathers them back): which sample
+        # sits at which batch position decides the noise and time it is trained with, so a
+        # sorted-by-row batch would make training depend on the store's row layout.
+        idx = np.asarray(rows, dtype=np.int64)
         # float16 halves what workers hand to the training process; the module casts.
         data = self.store.read(idx, fields=self.fields, floats="float16")
         out = {k: torch.as_tensor(np.asarray(data[k])) for k in self.fields}

@@ -18,6 +18,9 @@ class DataError(ValueError):
 class StepBatchSampler:
     """Yields this rank's index list of global batch k, for k = start, start+1, ...
 
+    ``rows`` are the training rows in a canonical order (``split.split_rows`` orders them by
+    the (seed, key) score); each epoch permutes that order.
+
     One ``__iter__`` runs to the end of the current data epoch (so ``len()`` batches per
     Lightning epoch), and the next call begins the following epoch.
     """
@@ -32,9 +35,13 @@ class StepBatchSampler:
         start_batch: int = 0,
         block: int = 1,
     ) -> None:
-        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         if block < 1:
             raise DataError(f"train.shuffle_block must be >= 1, got {block}")
+        rows = np.asarray(rows, dtype=np.int64)
+        # block == 1: the permutation acts on the rows in the order given (the split's key
+        # order), so the batches hold the same samples however the store laid them out.
+        # block > 1: runs of neighbouring store rows are the point, so rows are taken sorted.
+        self.rows = rows if block == 1 else np.sort(rows)
         self.block = int(block)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)

@@ -86,13 +86,25 @@ def make_rule(score: np.ndarray, seed: int, val_samples: int) -> SplitRule:
     return SplitRule(int(seed), int(val_samples), choose_threshold(score, val_samples), len(score))
 
 
+def by_score(rows: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """``rows`` ordered by ``score`` (ties by row): an order that depends on the samples' keys
+    and the seed only, not on where the cache stage happened to write each sample."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows[np.lexsort((rows, np.asarray(score, dtype=np.uint64)))]
+
+
 def split_rows(
     rows: np.ndarray, score: np.ndarray, rule: SplitRule
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_rows sorted, val_rows ordered by score)`` of the candidate ``rows``."""
+    """``(train_rows, val_rows)`` of the candidate ``rows``, both ordered by score.
+
+    The download stage writes a shard's samples in the order their downloads finish, which
+    differs between runs of the same URL list; ordering by the (seed, key) score instead of
+    by row makes everything downstream (the batch order, the evaluated subset) the same for
+    the same samples wherever they sit in the store.
+    """
     val = score < np.uint64(rule.threshold)
-    order = np.argsort(score[val], kind="stable")
-    return np.sort(rows[~val]), rows[val][order]
+    return by_score(rows[~val], score[~val]), by_score(rows[val], score[val])
 
 
 def load_rule(run_dir: Path) -> SplitRule | None:
