@@ -92,6 +92,7 @@ bench: ## run the benchmarks and write benchmarks/results/*.json (+ the calibrat
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/novel_words_ceiling.py
 	$(GAP3D) bench --config $(CONFIG) --out benchmarks/results/calibration-$(CONFIG).json $(ARGS)
 
 # the calibration `make bench` wrote for CONFIG (or its --paper-shapes one), unless ARGS names one
