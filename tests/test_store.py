@@ -500,6 +500,27 @@ def test_moments_remove_and_merge_are_inverse() -> None:
     np.testing.assert_allclose(rest.std, x[:380].std(0), rtol=1e-5, atol=1e-6)
 
 
+def test_statistics_do_not_depend_on_sample_order() -> None:
+    """The cache stage reduces a shard in download order, which varies between runs: the
+    float32 statistics the trainer uses must come out the same for any order."""
+    from gap3d.layout import TokenLayout
+    from gap3d.store.stats import RoleMoments, to_stats
+
+    layout = TokenLayout(1, 0, 7, 7, 1280)  # the demo's grid
+    rng = np.random.default_rng(3)
+    tokens = np.maximum(rng.standard_normal((96, layout.n_tokens, 1280)), 0).astype(np.float32)
+    tokens *= rng.uniform(0.1, 6.0, 1280).astype(np.float32)  # ReLU6-like, channel scales
+    stats = []
+    for order in (np.arange(96), rng.permutation(96), rng.permutation(96)):
+        acc = RoleMoments(layout)
+        for lo in range(0, 96, 32):  # encode batches of 32 in that order
+            acc.update(tokens[order[lo : lo + 32]])
+        stats.append({k: v.astype(np.float32) for k, v in to_stats(acc.parts).items()})
+    for other in stats[1:]:
+        for k in stats[0]:
+            np.testing.assert_array_equal(stats[0][k], other[k])
+
+
 def test_stats_omit_empty_roles(tmp_path: Path) -> None:
     from gap3d.store.stats import to_stats
 

@@ -25,8 +25,10 @@ import numpy as np
 from gap3d.layout import TokenLayout
 from gap3d.store.manifest import ROLES
 
-# Rows per step when reducing a batch of tokens: bounds the float32 temporaries.
+# Rows per step when reducing a batch of tokens: bounds the temporaries.
 _ROWS_PER_STEP = 16
+# Token rows per float64 deviation block in Moments.of (4096 x 1024 channels = 32 MiB).
+_DEVIATION_ROWS = 4096
 
 
 @dataclass
@@ -43,16 +45,24 @@ class Moments:
 
     @classmethod
     def of(cls, x: np.ndarray) -> Moments:
-        """Moments of the rows of ``x (m, C)`` (reduced in float32 with pairwise sums, then
-        float64: float32 pairwise summation errs ~1e-7 relative, far below float16 storage)."""
+        """Moments of the rows of ``x (m, C)``, accumulated in float64.
+
+        float64 because the statistics must not depend on how rows were grouped: the cache
+        stage reduces a shard in the order its samples were downloaded, which changes from
+        run to run. float32 partial sums differ by ~1e-7 between groupings, enough to change
+        the float32 normalisation statistics and so every training step after them; float64
+        ones by ~1e-16, which the float32 statistics do not see.
+        """
         x = np.asarray(x)
         m = x.shape[0]
         if m == 0:
             return cls.zeros(x.shape[-1])
-        x32 = x.astype(np.float32, copy=False)
-        mean = x32.mean(axis=0, dtype=np.float32)
-        m2 = np.square(x32 - mean).sum(axis=0, dtype=np.float32)
-        return cls(m, mean.astype(np.float64), m2.astype(np.float64))
+        mean = x.mean(axis=0, dtype=np.float64)  # a float64 accumulator, no float64 copy
+        m2 = np.zeros_like(mean)
+        for lo in range(0, m, _DEVIATION_ROWS):  # bounded float64 temporaries
+            d = x[lo : lo + _DEVIATION_ROWS].astype(np.float64) - mean
+            m2 += np.einsum("ij,ij->j", d, d)
+        return cls(m, mean, m2)
 
     def merge(self, other: Moments) -> Moments:
         """Moments of the union of two disjoint row sets."""
@@ -129,11 +139,28 @@ def merge_shards(
     return out
 
 
+# Significant bits the statistics keep (relative step 2**-16 = 1.5e-5, far below what a sample
+# estimate of a mean or std is good for). See to_stats.
+STAT_BITS = 16
+
+
+def round_significant(x: np.ndarray, bits: int = STAT_BITS) -> np.ndarray:
+    """``x`` rounded to ``bits`` significant bits (zeros stay zero)."""
+    mantissa, exponent = np.frexp(np.asarray(x, dtype=np.float64))
+    return np.ldexp(np.round(mantissa * 2.0**bits) / 2.0**bits, exponent)
+
+
 def to_stats(parts: dict[str, Moments]) -> dict[str, np.ndarray]:
-    """``{role}_mean`` / ``{role}_std`` arrays (C,) for roles with tokens (the trainer's form)."""
+    """``{role}_mean`` / ``{role}_std`` arrays (C,) for roles with tokens (the trainer's form).
+
+    Rounded to :data:`STAT_BITS` significant bits: partial moments merged in another order
+    (the cache stage reduces samples in download order) differ in the last float64 bits, and
+    now and then that moved a float32 statistic by one step and with it the whole training
+    run. Rounding to a coarse grid makes the same samples give the same statistics.
+    """
     stats: dict[str, np.ndarray] = {}
     for role in ROLES:
         if parts[role].n:
-            stats[f"{role}_mean"] = parts[role].mean
-            stats[f"{role}_std"] = parts[role].std
+            stats[f"{role}_mean"] = round_significant(parts[role].mean)
+            stats[f"{role}_std"] = round_significant(parts[role].std)
     return stats

@@ -23,8 +23,10 @@ Training never runs an encoder: a batch is ``image_tokens``, ``prompt_latents`` 
 * **The same samples, the same run.** Training rows are ordered by the (seed, key) split
   score before each epoch's permutation, and batches keep that order: the download stage
   writes samples in the order they finish, so two caches of the same data differ in row
-  layout, and a run that followed row order would train on different batches from each. Each worker process opens its own store handle; a parent that forks
-  workers reads through zarr-python itself, since tensorstore does not survive a fork.
+  layout, and a run that followed row order would train on different batches from each.
+* **A store handle per process.** Each worker process opens its own store handle; a parent
+  that forks workers reads through zarr-python itself, since tensorstore does not survive a
+  fork.
 """
 
 from __future__ import annotations

@@ -90,7 +90,9 @@ def by_score(rows: np.ndarray, score: np.ndarray) -> np.ndarray:
     """``rows`` ordered by ``score`` (ties by row): an order that depends on the samples' keys
     and the seed only, not on where the cache stage happened to write each sample."""
     rows = np.asarray(rows, dtype=np.int64)
-    return rows[np.lexsort((rows, np.asarray(score, dtype=np.uint64)))]
+    by_row = np.argsort(rows, kind="stable")  # cheap: index rows arrive sorted
+    rows, score = rows[by_row], np.asarray(score, dtype=np.uint64)[by_row]
+    return rows[np.argsort(score, kind="stable")]  # stable: equal scores stay in row order
 
 
 def split_rows(
