@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gap3d.encoders.sentence import sentence_embedding  # noqa: E402
 from gap3d.evaluation.novel_words import NOVEL_COLOUR_WORDS, NOVEL_SHAPE_WORDS  # noqa: E402
 from gap3d.pipeline.captions import COLOUR_SYNONYMS, SHAPE_SYNONYMS  # noqa: E402
 
@@ -67,15 +68,11 @@ class Encoder:
             enc = self.tok(pre + w + post, return_tensors="pt", return_offsets_mapping=True)
             offsets = enc.pop("offset_mapping")[0]
             h = self.model(**enc).last_hidden_state[0]
-            sent.append(h.mean(0))
+            sent.append(sentence_embedding(h))  # the demo encoder's own pooled state
             lo, hi = len(pre), len(pre) + len(w)
             inside = (offsets[:, 0] >= lo) & (offsets[:, 1] <= hi) & (offsets[:, 1] > offsets[:, 0])
-            word.append(h[inside].mean(0))
-        norm = torch.nn.functional.normalize
-        return {
-            "sentence": norm(torch.stack(sent), dim=-1),
-            "word": norm(torch.stack(word), dim=-1),
-        }
+            word.append(sentence_embedding(h[inside]))  # same pooling over the word's pieces
+        return {"sentence": torch.stack(sent), "word": torch.stack(word)}
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-3) -> torch.nn.Linear:

@@ -51,11 +51,9 @@ METHODS = ("ours", "regressor", "mean")
 def heldout_by_score(store: Any, seed: int) -> np.ndarray:
     """The valid ``heldout`` rows ordered by their (seed, key) score: a seeded order that does
     not depend on where the cache stage wrote each sample (see ``split.split_rows``)."""
-    from gap3d.trainer.split import by_score, scores
+    from gap3d.trainer.split import by_score, scored_rows
 
-    index = store.index()
-    sel = index.mask(valid_only=True, split="heldout")
-    return by_score(index.rows[sel], scores(index.key_hash[sel], seed))
+    return by_score(*scored_rows(store.index(), "heldout", seed))
 
 
 def eval_rows(cfg: Gap3dConfig, store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gap3d.store.manifest import SPLIT_CODES
-
 if TYPE_CHECKING:
     from gap3d.config import Gap3dConfig
 
@@ -95,6 +93,13 @@ def by_score(rows: np.ndarray, score: np.ndarray) -> np.ndarray:
     return rows[np.argsort(score, kind="stable")]  # stable: equal scores stay in row order
 
 
+def scored_rows(index: Any, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, scores)`` of the valid samples of store split ``split`` (``index`` is
+    ``store.index()``): the trainer's candidates (``train``) and eval's ``heldout`` rows."""
+    sel = index.mask(valid_only=True, split=split)
+    return index.rows[sel], scores(index.key_hash[sel], seed)
+
+
 def split_rows(
     rows: np.ndarray, score: np.ndarray, rule: SplitRule
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -136,10 +141,7 @@ def split_store(
     a store that grew: every old sample keeps its side); otherwise chooses the threshold now and
     writes it (``write``: rank 0 only).
     """
-    index = store.index()
-    cand = index.valid & (index.split == SPLIT_CODES["train"])
-    rows = index.rows[cand]
-    score = scores(index.key_hash[cand], cfg.seed)
+    rows, score = scored_rows(store.index(), "train", cfg.seed)
     rule = load_rule(cfg.run_dir)
     path = cfg.run_dir / SPLIT_FILE
     if rule is not None and (rule.seed, rule.val_samples) == (cfg.seed, cfg.train.val_samples):
